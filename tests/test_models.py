@@ -1,0 +1,86 @@
+"""Model presets, builders, FLOP count and deterministic initialization."""
+
+import json
+
+import pytest
+import torch
+
+from launch import python
+from tp_bench.models import get_model_builder
+from tp_bench.models.resolve import list_presets
+
+REQUIRED_PRESETS = {"Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B",
+                    "Qwen/Qwen3-14B", "Qwen/Qwen3-32B", "Qwen/Qwen2.5-7B-Instruct",
+                    "meta-llama/Llama-3.1-8B", "tiny"}
+
+
+def test_required_presets_ship():
+    assert REQUIRED_PRESETS <= {p.name for p in list_presets()}
+
+
+@pytest.mark.parametrize("name, billions", [("Qwen/Qwen3-0.6B", 0.596), ("Qwen/Qwen3-8B", 8.19),
+                                            ("Qwen/Qwen3-32B", 32.76),
+                                            ("meta-llama/Llama-3.1-8B", 8.03),
+                                            ("Qwen/Qwen2.5-7B-Instruct", 7.62)])
+def test_preset_parameter_counts_match_published_sizes(name, billions):
+    assert get_model_builder(name).get_config().num_parameters / 1e9 == pytest.approx(billions,
+                                                                                     rel=0.01)
+
+
+def test_lookup_by_short_name_local_dir_and_json(tmp_path):
+    assert get_model_builder("qwen3-1.7b").hf_config.hidden_size == 2048
+    config = json.loads(next(p for p in list_presets() if p.key == "tiny").path.read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert get_model_builder(str(tmp_path)).hf_config.hidden_size == 256
+    assert get_model_builder(str(tmp_path / "config.json")).hf_config.hidden_size == 256
+
+
+def test_tiny_flops_hand_count():
+    mc = get_model_builder("tiny").get_config()
+    h, inter, layers, heads, kv, hd, vocab = 256, 512, 4, 16, 8, 16, 8192
+    per_layer = (h * heads * hd + 2 * h * kv * hd + heads * hd * h   # q, k, v, o
+                 + 3 * h * inter                                     # gate, up, down
+                 + 2 * hd + 2 * h)                                   # q/k norm, 2 layer norms
+    total = layers * per_layer + vocab * h + h + vocab * h           # embed, final norm, lm_head
+    assert mc.num_parameters == total
+    non_embedding = total - vocab * h
+    assert mc.flops_per_token(128) == 6 * non_embedding + 12 * layers * heads * hd * 128
+
+
+def test_tied_embeddings_count_the_lm_head_matmul():
+    mc = get_model_builder("Qwen/Qwen3-1.7B").get_config()
+    assert mc.tie_word_embeddings
+    assert mc.matmul_parameters == mc.num_parameters   # embedding lookup out, tied head back in
+
+
+def test_num_layers_and_attn_impl_are_honoured():
+    builder = get_model_builder("tiny")
+    model = builder.create_model("meta", torch.float32, num_layers=2, attn_impl="eager")
+    assert len(builder.get_transformer_layers(model)) == 2
+    assert model.config._attn_implementation == "eager"
+    assert builder.model_config(num_layers=2).num_layers == 2
+
+
+def test_init_weights_is_deterministic_and_follows_the_model_init():
+    builder = get_model_builder("tiny")
+    a = builder.create_model("cpu", torch.float32, num_layers=1)
+    b = builder.create_model("cpu", torch.float32, num_layers=1)
+    torch.manual_seed(123)  # global RNG state must not matter
+    builder.init_weights(a, seed=7)
+    builder.init_weights(b, seed=7)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    norm = a.model.layers[0].input_layernorm.weight
+    assert torch.equal(norm, torch.ones_like(norm))
+    std = a.model.layers[0].mlp.up_proj.weight.std().item()
+    assert std == pytest.approx(0.02, rel=0.05)
+    c = builder.create_model("cpu", torch.float32, num_layers=1)
+    builder.init_weights(c, seed=8)
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+
+
+def test_models_command_lists_presets():
+    proc = python("-m", "tp_bench", "models")
+    assert proc.returncode == 0, proc.stderr
+    for name in REQUIRED_PRESETS:
+        assert name in proc.stdout

@@ -1,0 +1,3 @@
+from tp_bench.cli import entry
+
+entry()

@@ -1,0 +1,48 @@
+"""Shared builder for HuggingFace decoder-only models laid out as model.layers / embed_tokens /
+lm_head with Llama-style attention and MLP projections (Llama, Qwen2, Qwen3, ...)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tp_bench.models.base import BaseModelBuilder
+
+
+class HFCausalLMBuilder(BaseModelBuilder):
+    def create_model(self, device: torch.device | str, dtype: torch.dtype, num_layers: int = 0,
+                     attn_impl: str = "sdpa") -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        config = self.hf_config_for(num_layers, attn_impl)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation=attn_impl)
+        return model
+
+    def get_tp_mapping(self) -> dict[str, Any]:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        return {
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        }
+
+    def get_transformer_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    def get_embedding_module(self, model: nn.Module) -> nn.Module:
+        return model.model.embed_tokens
+
+    def replace_embedding_module(self, model: nn.Module, new_embedding: nn.Module) -> None:
+        model.model.embed_tokens = new_embedding
+
+    def get_lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head

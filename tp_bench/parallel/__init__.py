@@ -1,0 +1,1 @@
+"""Tensor-parallel strategies (see factory.py for the registry)."""
