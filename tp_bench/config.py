@@ -16,6 +16,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 ATTN_IMPLS = ("sdpa", "flash_attention_2", "eager")
 ZERO_STAGES = (0, 1, 2)
 TIMING_MODES = ("events", "sync", "none")
+OPTIMIZER_IMPLS = ("fused", "foreach")
 
 
 class ConfigError(ValueError):
@@ -51,8 +52,14 @@ class BenchConfig:
                                   PARALLEL)
     dp_size: int = _opt(1, "Data parallel degree (both implementations)", PARALLEL)
     zero_stage: int = _opt(1, "DeepSpeed ZeRO stage (AutoTP only, 0-2)", PARALLEL, ZERO_STAGES)
-    use_vocab_parallel: bool = _opt(True, "Vocabulary-parallel embeddings and loss (AutoTP only); "
-                                    "--no_vocab_parallel disables", PARALLEL)
+    use_vocab_parallel: bool = _opt(True, "Vocabulary-parallel embedding, lm_head and loss "
+                                    "(logits stay sharded over tp); --no_vocab_parallel disables",
+                                    PARALLEL)
+    sequence_parallel: bool = _opt(True, "fsdp_dtensor: keep norms and the residual stream "
+                                   "sharded on the sequence dim over tp (no effect at tp 1)",
+                                   PARALLEL)
+    fsdp_at_dp1: bool = _opt(False, "fsdp_dtensor: wrap with FSDP2 even when dp_size is 1 (it "
+                             "only adds copies there; for study)", PARALLEL)
     # Training
     batch_size: int = _opt(1, "Per-GPU micro batch size", TRAINING)
     seq_length: int = _opt(2048, "Sequence length", TRAINING)
@@ -61,6 +68,8 @@ class BenchConfig:
     weight_decay: float = _opt(0.01, "Weight decay", TRAINING)
     gradient_accumulation_steps: int = _opt(1, "Gradient accumulation steps", TRAINING)
     max_grad_norm: float = _opt(1.0, "Maximum gradient norm (0 = no clipping)", TRAINING)
+    optimizer_impl: str = _opt("fused", "AdamW kernels: fused (one kernel per parameter "
+                               "group) or foreach", TRAINING, OPTIMIZER_IMPLS)
     # Memory / precision
     dtype: str = _opt("bfloat16", "Training (compute) dtype; parameters and optimizer state "
                       "stay float32 (master weights)", MEMORY, DTYPES)
@@ -68,6 +77,10 @@ class BenchConfig:
                           "of the strategy's parameter casting", MEMORY)
     activation_checkpointing: bool = _opt(False, "Enable activation checkpointing "
                                           "(per transformer layer)", MEMORY)
+    meta_init: bool = _opt(True, "fsdp_dtensor: build the model on the meta device and "
+                           "materialize only this rank's shards (no rank holds the full model)",
+                           MEMORY)
+    compile: bool = _opt(False, "torch.compile each transformer layer", MEMORY)
     # Benchmarking
     warmup_steps: int = _opt(5, "Steps to skip in metrics collection", BENCH)
     log_interval: int = _opt(10, "Logging interval (steps); metrics are read from the "
@@ -79,6 +92,8 @@ class BenchConfig:
                        "only (none)", BENCH, TIMING_MODES)
     peak_tflops: Optional[float] = _opt(None, "Dense bf16 peak TFLOP/s per GPU for MFU "
                                         "(default: looked up from the device name)", BENCH)
+    profile: bool = _opt(False, "After the run, profile one extra step with torch.profiler and "
+                         "write a Chrome trace (rank 0) to output_dir", BENCH)
 
     # ------------------------------------------------------------------ validation
     def validate(self, world_size: int) -> "BenchConfig":
@@ -89,7 +104,8 @@ class BenchConfig:
             raise ConfigError(f"unknown --impl {self.impl!r}; "
                               f"choose from {', '.join(available_strategies())}")
         for name, allowed in (("dtype", DTYPES), ("attn_impl", ATTN_IMPLS),
-                              ("zero_stage", ZERO_STAGES), ("timing", TIMING_MODES)):
+                              ("zero_stage", ZERO_STAGES), ("timing", TIMING_MODES),
+                              ("optimizer_impl", OPTIMIZER_IMPLS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"unknown --{name} {value!r}; choose from "

@@ -126,6 +126,22 @@ class MemoryMeter:
         return rss / GB, max(rss, peak) / GB  # the two counters round differently
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc), i.e. since its launch."""
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def setup_memory_gb(device: torch.device) -> dict[str, Optional[float]]:
+    """Peak memory since the process started: host RSS and, on a GPU, the CUDA allocator."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    gpu = torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None
+    return {"setup_peak_host_gb": host, "setup_peak_gpu_gb": gpu}
+
+
 @dataclass
 class StepRecord:
     """One step as the results file stores it (the seed's keys first, then additions)."""

@@ -118,6 +118,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; results are ordinary files
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, allow_nan=True)

@@ -22,7 +22,7 @@ from tp_bench import distributed, results
 from tp_bench.config import BenchConfig, ConfigError
 from tp_bench.data import SyntheticData
 from tp_bench.metrics import (MemoryMeter, PhaseTimer, StepRecord, Throughput, peak_tflops_for,
-                              resolve_phases)
+                              process_age_s, resolve_phases, setup_memory_gb)
 from tp_bench.models import get_model_builder
 from tp_bench.models.base import BaseModelBuilder, ModelConfig
 from tp_bench.parallel.base import BaseTPStrategy
@@ -58,6 +58,7 @@ class Session:
     timer: Optional[PhaseTimer] = None
     memory: Optional[MemoryMeter] = None
     setup_time_s: Optional[float] = None
+    startup: dict[str, Any] = field(default_factory=dict)   # rank 0's launch-to-first-step costs
 
     @property
     def dp_rank(self) -> int:
@@ -74,6 +75,9 @@ class Session:
         self.timer = PhaseTimer(self.cfg.timing, self.ctx.device)
         self.memory = MemoryMeter(self.ctx.device)
         self.setup_time_s = time.perf_counter() - start
+        self.startup = {"setup_time_s": self.setup_time_s,
+                        "launch_to_first_step_s": process_age_s(),
+                        **setup_memory_gb(self.ctx.device)}
 
     def train_step(self, step: int) -> PendingStep:
         strategy, timer = self.strategy, self.timer
@@ -183,6 +187,7 @@ class ResultWriter:
         self.recorder = recorder
         cfg = session.cfg
         self.path = results.result_path(cfg.output_dir, cfg.impl, cfg.tp_size, cfg.dp_size)
+        self.profile: Optional[dict[str, Any]] = None   # filled by --profile
 
     def document(self, status: str, error: Optional[str] = None) -> dict[str, Any]:
         s, rec = self.session, self.recorder
@@ -212,8 +217,9 @@ class ResultWriter:
                 "loss_is": "mean over data-parallel replicas",
                 "tokens_per_step": s.throughput.tokens_per_step,
                 "peak_tflops_per_gpu": s.throughput.peak_tflops,
-                "setup_time_s": s.setup_time_s,
+                "startup_rank0": s.startup,
             },
+            "profile": self.profile,
             "environment": env,
         }
 
@@ -271,6 +277,11 @@ def train(session: Session) -> dict[str, Any]:
                                              f"(try a lower --learning_rate or --dtype bfloat16)")
                 distributed.rank0_print(log_line(records[-1], cfg.num_training_steps))
                 writer.write("partial")
+        if cfg.profile:
+            from tp_bench.profiling import profile_step
+
+            writer.profile = profile_step(session, writer.path.with_name(
+                writer.path.stem.replace("results_", "trace_") + ".json.gz"))
         doc = writer.document("complete")
         writer.write("complete")
     distributed.rank0_print(summary_line(doc, writer.path))

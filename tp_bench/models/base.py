@@ -121,6 +121,16 @@ class BaseModelBuilder(ABC):
     def get_lm_head(self, model: nn.Module) -> nn.Module:
         """The output projection to the vocabulary."""
 
+    @abstractmethod
+    def get_final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm applied to the last layer's output, before the lm_head."""
+
+    def get_sequence_parallel_mapping(self) -> dict[str, Any]:
+        """Entries that turn ``get_tp_mapping()`` into a sequence-parallel layer plan: the
+        residual stream stays sharded on the sequence dim between the blocks (norms
+        SequenceParallel, blocks gather it, row-parallel outputs reduce-scatter back)."""
+        raise NotImplementedError(f"{type(self).__name__} has no sequence-parallel plan")
+
     def hf_config_for(self, num_layers: int = 0, attn_impl: str = "sdpa"):
         """A copy of the HF config with the depth override and attention backend applied."""
         config = copy.deepcopy(self.hf_config)

@@ -35,6 +35,22 @@ class HFCausalLMBuilder(BaseModelBuilder):
             "mlp.down_proj": RowwiseParallel(),
         }
 
+    def get_sequence_parallel_mapping(self) -> dict[str, Any]:
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (PrepareModuleInput, RowwiseParallel,
+                                                       SequenceParallel)
+
+        return {
+            "input_layernorm": SequenceParallel(),
+            # The decoder layer passes hidden_states to self_attn by keyword, to mlp by position.
+            "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                            desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "post_attention_layernorm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        }
+
     def get_transformer_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
@@ -46,3 +62,6 @@ class HFCausalLMBuilder(BaseModelBuilder):
 
     def get_lm_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head
+
+    def get_final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm

@@ -1,36 +1,83 @@
 """PyTorch FSDP2 (``fully_shard``) over "dp" + DTensor tensor parallelism over "tp".
 
-``parallelize`` composes small steps in a fixed order, as torchtitan does:
-TP plan -> activation checkpointing -> FSDP (per transformer layer, then the root).
+``setup`` composes small steps in a fixed order, as torchtitan does:
+build (meta device) -> TP plan -> activation checkpointing -> per-layer compile -> FSDP ->
+materialize this rank's shards and initialize them.
+
+Techniques, each an option recorded in the result:
+- TP plan per layer from the model builder (q/k/v and gate/up colwise, o and down rowwise, plus
+  whatever else the model needs, e.g. Qwen3's q/k norms).
+- Vocabulary parallelism (``--use_vocab_parallel``): embedding rowwise (vocab-sharded), lm_head
+  colwise with logits left sharded, cross-entropy under ``loss_parallel`` (no rank ever holds the
+  full [tokens, vocab] logits).
+- Sequence parallelism (``--sequence_parallel``): norms and the residual stream sharded on the
+  sequence dim; the blocks all-gather it and the row-parallel outputs reduce-scatter it back.
+- FSDP2 over "dp" only when dp > 1 (at dp = 1 it would only add parameter copies), unless
+  ``--fsdp_at_dp1``.
 
 Precision (the default matches AutoTP's): parameters and optimizer state in float32 (master
-weights); FSDP2's MixedPrecisionPolicy casts the all-gathered parameters to ``--dtype`` for
-compute and reduces gradients in float32. Pure-bf16 parameters with AdamW at lr 1e-5 would
-silently stop learning (the updates round away), so they are not offered.
+weights), compute in ``--dtype``, gradients reduced in float32. Under FSDP2 the
+MixedPrecisionPolicy casts the all-gathered parameters; without FSDP (dp = 1) or with
+``--autocast``, torch.autocast does. Pure-bf16 parameters with AdamW at lr 1e-5 would silently
+stop learning (the updates round away), so they are not offered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from tp_bench.data import Batch
-from tp_bench.models.base import canonical_param_name
+from tp_bench.models.base import BaseModelBuilder, canonical_param_name
 from tp_bench.parallel.base import BaseTPStrategy
 from tp_bench.parallel.factory import register_strategy
 from tp_bench.parallel.grad_norm import clip_grad_norm_
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+log = logging.getLogger(__name__)
 
 
-def apply_tp(layers: nn.ModuleList, tp_mesh, plan: dict[str, Any]) -> None:
-    from torch.distributed.tensor.parallel import parallelize_module
+def apply_tp(model: nn.Module, builder: BaseModelBuilder, tp_mesh, vocab_parallel: bool,
+             sequence_parallel: bool) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   PrepareModuleOutput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
 
-    for layer in layers:
-        parallelize_module(layer, tp_mesh, plan)
+    layer_plan = builder.get_tp_mapping()
+    if sequence_parallel:
+        layer_plan.update(builder.get_sequence_parallel_mapping())
+    for layer in builder.get_transformer_layers(model):
+        parallelize_module(layer, tp_mesh, layer_plan)
+
+    # The residual stream outside the layers: sharded on the sequence dim with SP, else replicated.
+    stream = Shard(1) if sequence_parallel else Replicate()
+    embedding, lm_head = builder.get_embedding_module(model), builder.get_lm_head(model)
+    tied = embedding.weight is lm_head.weight
+    if vocab_parallel:
+        parallelize_module(embedding, tp_mesh, RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=stream, use_local_output=not sequence_parallel))
+    elif sequence_parallel:
+        # Replicated embedding; each rank keeps its own sequence shard of the output.
+        parallelize_module(embedding, tp_mesh, PrepareModuleOutput(
+            output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=False))
+    if sequence_parallel:
+        parallelize_module(builder.get_final_norm(model), tp_mesh, SequenceParallel())
+    if vocab_parallel:
+        parallelize_module(lm_head, tp_mesh, ColwiseParallel(
+            input_layouts=stream, output_layouts=Shard(-1), use_local_output=False))
+    elif sequence_parallel:
+        # Full logits on every rank from a replicated lm_head: gather the sequence first.
+        parallelize_module(lm_head, tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+    if tied and vocab_parallel:
+        # parallelize_module swapped in a new parameter on each module: tie them again
+        # (both are sharded on the vocab dim, Shard(0), so one parameter serves both).
+        lm_head.weight = embedding.weight
 
 
 def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
@@ -41,6 +88,13 @@ def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
         layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
 
 
+def apply_compile(layers: nn.ModuleList) -> None:
+    # Per block, in place (parameter names unchanged), before FSDP so its hooks stay outside
+    # the compiled graph. All layers share one graph: module parameters are graph inputs.
+    for layer in layers:
+        layer.compile()
+
+
 def apply_fsdp(model: nn.Module, layers: nn.ModuleList, dp_mesh, mp_policy) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -49,6 +103,17 @@ def apply_fsdp(model: nn.Module, layers: nn.ModuleList, dp_mesh, mp_policy) -> N
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp_policy,
                     reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy)
+
+
+def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """DTensor and plain parameters in separate groups: the fused and foreach kernels take one
+    kind per call, and without FSDP a TP model holds both (replicated norms stay plain)."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[bool, list] = {}
+    for p in model.parameters():
+        groups.setdefault(isinstance(p, DTensor), []).append(p)
+    return [{"params": params} for params in groups.values()]
 
 
 class DynamicLossScaler:
@@ -75,51 +140,79 @@ class DynamicLossScaler:
 @register_strategy("fsdp_dtensor")
 class FSDPDTensorStrategy(BaseTPStrategy):
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, builder = self.cfg, self.builder
         self.compute_dtype = DTYPES[cfg.dtype]
-        model = self.builder.create_model(self.device, torch.float32, num_layers=cfg.num_layers,
-                                          attn_impl=cfg.attn_impl)
-        self.builder.init_weights(model, cfg.seed)
-        layers = self.builder.get_transformer_layers(model)
-        if self.mesh["tp"].size() > 1:
-            apply_tp(layers, self.mesh["tp"], self.builder.get_tp_mapping())
+        tp = self.mesh["tp"].size()
+        self.vocab_parallel = cfg.use_vocab_parallel and tp > 1
+        self.sequence_parallel = cfg.sequence_parallel and tp > 1
+        self.use_fsdp = self.mesh["dp"].size() > 1 or cfg.fsdp_at_dp1
+
+        model = builder.create_model("meta" if cfg.meta_init else self.device, torch.float32,
+                                     num_layers=cfg.num_layers, attn_impl=cfg.attn_impl)
+        if not cfg.meta_init:
+            builder.init_weights(model, cfg.seed)   # full values first, then sharded copies
+        layers = builder.get_transformer_layers(model)
+        applied = []
+        if tp > 1:
+            apply_tp(model, builder, self.mesh["tp"], self.vocab_parallel, self.sequence_parallel)
+            applied.append(f"TP {tp}" + (" + vocab/loss parallel" if self.vocab_parallel else "")
+                           + (" + sequence parallel" if self.sequence_parallel else ""))
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(layers)
-        apply_fsdp(model, layers, self.mesh["dp"], self._mp_policy())
+            applied.append("activation checkpointing")
+        if cfg.compile:
+            apply_compile(layers)
+            applied.append("per-layer torch.compile")
+        if self.use_fsdp:
+            apply_fsdp(model, layers, self.mesh["dp"], self._mp_policy())
+            applied.append(f"FSDP2 over dp {self.mesh['dp'].size()}")
+        if cfg.meta_init:
+            model.to_empty(device=self.device)
+            builder.init_weights(model, cfg.seed)  # each rank fills only its own shards
+            applied.append("meta-device init")
+        log.info("fsdp_dtensor: %s", ", ".join(applied) or "plain model")
         self.model = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+        self.optimizer = torch.optim.AdamW(_param_groups(model), lr=cfg.learning_rate,
                                            weight_decay=cfg.weight_decay,
-                                           foreach=self.device.type == "cuda")
-        self.scaler = DynamicLossScaler() if self._fp16_scaling else None
-
-    @property
-    def _fp16_scaling(self) -> bool:
-        return self.cfg.dtype == "float16"
+                                           **{cfg.optimizer_impl: True})
+        self.scaler = DynamicLossScaler() if cfg.dtype == "float16" else None
 
     def _mp_policy(self):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        if self.cfg.dtype == "float32" or self.cfg.autocast:
+        if self._uses_autocast or self.cfg.dtype == "float32":
             return MixedPrecisionPolicy(reduce_dtype=torch.float32)
         return MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
 
-    def _autocast(self):
-        if self.cfg.autocast and self.cfg.dtype != "float32":
-            return torch.autocast(self.device.type, dtype=self.compute_dtype)
-        return contextlib.nullcontext()
+    @property
+    def _uses_autocast(self) -> bool:
+        return self.cfg.dtype != "float32" and (self.cfg.autocast or not self.use_fsdp)
+
+    def _context(self):
+        """Forward and backward run inside this: autocast and/or loss parallelism."""
+        stack = contextlib.ExitStack()
+        if self._uses_autocast:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.compute_dtype))
+        if self.vocab_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            stack.enter_context(loss_parallel())
+        return stack
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        if self.cfg.gradient_accumulation_steps > 1:
+        if self.use_fsdp and self.cfg.gradient_accumulation_steps > 1:
             # Reduce-scatter gradients only once per accumulation cycle.
             self.model.set_requires_gradient_sync(self.is_last_micro)
         batch = batch.to(self.device)
-        with self._autocast():
-            out = self.model(input_ids=batch.input_ids, labels=batch.labels, use_cache=False)
-        return out.loss
+        with self._context():
+            loss = self.model(input_ids=batch.input_ids, labels=batch.labels, use_cache=False).loss
+        # With sharded logits the loss is a replicated DTensor; every rank holds the value.
+        return loss.to_local() if hasattr(loss, "to_local") else loss
 
     def backward(self, loss: torch.Tensor) -> None:
         scale = self.scaler.scale if self.scaler else 1.0
-        (loss * (scale / self.cfg.gradient_accumulation_steps)).backward()
+        with self._context():
+            (loss * (scale / self.cfg.gradient_accumulation_steps)).backward()
         self._micro += 1
 
     def step(self) -> Optional[torch.Tensor]:
@@ -145,7 +238,7 @@ class FSDPDTensorStrategy(BaseTPStrategy):
         cfg = self.cfg
         if cfg.dtype == "float32":
             mechanism = "none"
-        elif cfg.autocast:
+        elif self._uses_autocast:
             mechanism = "torch.autocast"
         else:
             mechanism = "fsdp2_mixed_precision"
@@ -156,15 +249,20 @@ class FSDPDTensorStrategy(BaseTPStrategy):
             "compute_dtype": cfg.dtype,
             "grad_reduce_dtype": "float32",
             "mechanism": mechanism,
-            "loss_scaling": "dynamic" if self._fp16_scaling else None,
+            "loss_scaling": "dynamic" if self.scaler else None,
         }
 
     def describe(self) -> dict[str, Any]:
+        cfg = self.cfg
         return {
             "impl": self.name,
             "tp_plan": {k: type(v).__name__ for k, v in self.builder.get_tp_mapping().items()},
-            "fsdp": "fully_shard per layer + root over dp",
-            "optimizer": "torch.optim.AdamW",
-            "grad_clipping": "per-mesh norm groups" if self.cfg.max_grad_norm > 0 else None,
-            "activation_checkpointing": self.cfg.activation_checkpointing,
+            "vocab_parallel": self.vocab_parallel,
+            "sequence_parallel": self.sequence_parallel,
+            "fsdp": "fully_shard per layer + root over dp" if self.use_fsdp else None,
+            "optimizer": f"torch.optim.AdamW ({cfg.optimizer_impl})",
+            "grad_clipping": "per-mesh norm groups" if cfg.max_grad_norm > 0 else None,
+            "activation_checkpointing": cfg.activation_checkpointing,
+            "compile": "per transformer layer" if cfg.compile else None,
+            "meta_init": cfg.meta_init,
         }

@@ -1,0 +1,201 @@
+"""Measure the benchmark itself: what timing costs, and what start-up costs.
+
+``python -m tp_bench.selfcheck overhead [run options] --rounds 5 --steps_per_round 8``
+    Builds one strategy and model, then runs rounds of steps with each ``--timing`` mode
+    (none, events, sync), the mode order rotating every round, in one process. Each block's
+    throughput is its wall time with a device sync at both ends (max over ranks). The overhead
+    of a mode is the median over rounds of its throughput over the same round's "none" block:
+    paired within a round, so slow drifts of the GPU clock cancel.
+
+``python -m tp_bench.selfcheck startup [run options]``
+    Builds the strategy (model creation, sharding, initialization, optimizer) and reports the
+    time from process launch to the first step and the host / GPU peak memory so far, without
+    training: e.g. ``--meta_init true`` against ``false``.
+
+``python -m tp_bench.selfcheck table FILE...``
+    Markdown table of overhead and startup JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tp_bench import distributed, results, runner
+from tp_bench.cli import _Parser, add_config_arguments, config_from_args
+from tp_bench.config import ConfigError
+from tp_bench.metrics import PhaseTimer, resolve_phases
+from tp_bench.results import quantile
+
+MODES = ("none", "events", "sync")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def measure_overhead(session: runner.Session, rounds: int, steps_per_round: int,
+                     modes: Sequence[str] = MODES) -> dict[str, Any]:
+    cfg, device = session.cfg, session.ctx.device
+    step = 0
+    session.timer = PhaseTimer("none", device)
+    for _ in range(cfg.warmup_steps):          # compile, allocator growth, cuDNN/cuBLAS picks
+        session.train_step(step)
+        step += 1
+    _sync(device)
+    session.memory.reset_peak()
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(rounds):
+        order = list(modes[r % len(modes):]) + list(modes[:r % len(modes)])
+        for mode in order:
+            session.timer = PhaseTimer(mode, device)
+            _sync(device)
+            start = time.perf_counter()
+            pending = [session.train_step(step + k) for k in range(steps_per_round)]
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            step += steps_per_round
+            for p in pending:   # what a log interval would read: outside the timed block
+                resolve_phases(p.stamps, None)
+            seconds[mode].append(_max_over_ranks(elapsed, device) / steps_per_round)
+    peak_gb = _max_over_ranks(session.memory.read_gb()[1], device)
+    rates = session.throughput
+    by_mode = {}
+    for mode in modes:
+        times = seconds[mode]
+        median_s = statistics.median(times)
+        by_mode[mode] = {
+            "median_step_ms": 1000 * median_s,
+            "iqr_pct": 100 * (quantile(times, 0.75) - quantile(times, 0.25)) / median_s,
+            "min_step_ms": 1000 * min(times),
+            "max_step_ms": 1000 * max(times),
+            **rates.rates(median_s),
+            # paired: this round's "none" time over this round's time in this mode
+            "throughput_vs_none": (statistics.median(n / t for n, t in zip(seconds["none"], times))
+                                   if "none" in seconds else None),
+            "step_ms_per_round": [1000 * t for t in times],
+        }
+    return {"kind": "overhead", "rounds": rounds, "steps_per_round": steps_per_round,
+            "modes": by_mode, "peak_memory_gb": peak_gb}
+
+
+def _base_document(session: runner.Session) -> dict[str, Any]:
+    strategy = session.strategy
+    env = results.environment(session.ctx.device, session.ctx.world_size, session.ctx.backend)
+    env.update(strategy.environment())
+    return {"config": session.cfg.to_dict(), "precision": strategy.precision_policy(),
+            "strategy": strategy.describe(), "model": session.model_config.to_dict(),
+            "environment": env}
+
+
+def _run(argv: Sequence[str], kind: str) -> int:
+    parser = _Parser(prog=f"python -m tp_bench.selfcheck {kind}")
+    add_config_arguments(parser)
+    if kind == "overhead":
+        parser.add_argument("--rounds", type=int, default=5)
+        parser.add_argument("--steps_per_round", type=int, default=8)
+    parser.add_argument("--out", help="write the JSON report here (rank 0)")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    # nothing is logged per interval here; the checks need at least one measured step
+    cfg.num_training_steps = max(cfg.num_training_steps, cfg.warmup_steps + 1)
+    ctx = distributed.setup()
+    session = runner.prepare(cfg, ctx)
+    session.setup()
+    doc = _base_document(session)
+    if kind == "overhead":
+        doc.update(measure_overhead(session, args.rounds, args.steps_per_round))
+    else:
+        doc.update({"kind": "startup", **session.startup})
+    if ctx.is_rank0:
+        print(format_table([doc]))
+        if args.out:
+            results.write_json_atomic(args.out, doc)
+    distributed.teardown()
+    return 0
+
+
+def _label(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    extras = [k for k in ("compile",) if c.get(k)]
+    if doc["kind"] == "startup":
+        extras.append("meta init" if c.get("meta_init") and c["impl"] == "fsdp_dtensor" else "full build")
+    return " ".join([c["impl"], *extras]) if extras else f"{c['impl']} eager"
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _pct(fraction: Optional[float]) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def format_table(docs: list[dict[str, Any]]) -> str:
+    """Markdown: one row per (run, timing mode) for overhead, one per run for startup."""
+    lines = []
+    overhead = [d for d in docs if d["kind"] == "overhead"]
+    startup = [d for d in docs if d["kind"] == "startup"]
+    if overhead:
+        lines += ["| model | impl | timing | tokens/s | vs none | MFU | step ms (median) | IQR | peak GB |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for d in overhead:
+            for mode, m in d["modes"].items():
+                lines.append(
+                    f"| {d['config']['model_name']} | {_label(d)} | {mode} | "
+                    f"{m['tokens_per_sec']:.0f} | {_fmt(m['throughput_vs_none'], '.4f')} | "
+                    f"{_pct(m['mfu'])} | {m['median_step_ms']:.1f} | "
+                    f"{m['iqr_pct']:.1f}% | {d['peak_memory_gb']:.1f} |")
+    if startup:
+        lines += ["" if lines else None,
+                  "| model | layers | impl | launch to first step s | setup s | host peak GB | GPU peak GB |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        lines = [x for x in lines if x is not None]
+        for d in startup:
+            lines.append(
+                f"| {d['config']['model_name']} | {d['model']['num_layers']} | {_label(d)} | "
+                f"{d['launch_to_first_step_s']:.1f} | {d['setup_time_s']:.1f} | "
+                f"{d['setup_peak_host_gb']:.1f} | {_fmt(d['setup_peak_gpu_gb'], '.1f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("overhead", "startup", "table"):
+        print(__doc__)
+        return 2
+    kind, rest = argv[0], argv[1:]
+    try:
+        if kind == "table":
+            print(format_table([json.loads(Path(p).read_text()) for p in rest]))
+            return 0
+        return _run(rest, kind)
+    except ConfigError as exc:
+        distributed.rank0_print(f"tp_bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import os
+
+    os._exit(code)
