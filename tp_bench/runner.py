@@ -74,6 +74,8 @@ class Session:
                                   self.cfg.seq_length, self.cfg.seed)
         self.timer = PhaseTimer(self.cfg.timing, self.ctx.device)
         self.memory = MemoryMeter(self.ctx.device)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize()  # initialization kernels count as set-up, not as step 0
         self.setup_time_s = time.perf_counter() - start
         self.startup = {"setup_time_s": self.setup_time_s,
                         "launch_to_first_step_s": process_age_s(),

@@ -256,7 +256,8 @@ class FSDPDTensorStrategy(BaseTPStrategy):
         cfg = self.cfg
         return {
             "impl": self.name,
-            "tp_plan": {k: type(v).__name__ for k, v in self.builder.get_tp_mapping().items()},
+            "tp_plan": ({k: type(v).__name__ for k, v in self.builder.get_tp_mapping().items()}
+                        if self.mesh["tp"].size() > 1 else None),
             "vocab_parallel": self.vocab_parallel,
             "sequence_parallel": self.sequence_parallel,
             "fsdp": "fully_shard per layer + root over dp" if self.use_fsdp else None,
