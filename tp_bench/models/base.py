@@ -122,6 +122,10 @@ class BaseModelBuilder(ABC):
         """The output projection to the vocabulary."""
 
     @abstractmethod
+    def replace_lm_head(self, model: nn.Module, new_lm_head: nn.Module) -> None:
+        """Swap the output projection (e.g. for a vocabulary-parallel one)."""
+
+    @abstractmethod
     def get_final_norm(self, model: nn.Module) -> nn.Module:
         """The norm applied to the last layer's output, before the lm_head."""
 

@@ -63,5 +63,8 @@ class HFCausalLMBuilder(BaseModelBuilder):
     def get_lm_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head
 
+    def replace_lm_head(self, model: nn.Module, new_lm_head: nn.Module) -> None:
+        model.lm_head = new_lm_head
+
     def get_final_norm(self, model: nn.Module) -> nn.Module:
         return model.model.norm
