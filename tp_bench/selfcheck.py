@@ -1,6 +1,6 @@
 """Measure the benchmark itself: what timing costs, and what start-up costs.
 
-``python -m tp_bench.selfcheck overhead [run options] --rounds 5 --steps_per_round 8``
+``python -m tp_bench.selfcheck overhead [run options] --rounds 12 --steps_per_round 4``
     Builds one strategy and model, then runs rounds of steps with each ``--timing`` mode
     (none, events, sync), the mode order rotating every round, in one process. Each block's
     throughput is its wall time with a device sync at both ends (max over ranks). The overhead
@@ -87,13 +87,21 @@ def measure_overhead(session: runner.Session, rounds: int, steps_per_round: int,
             "min_step_ms": 1000 * min(times),
             "max_step_ms": 1000 * max(times),
             **rates.rates(median_s),
-            # paired: this round's "none" time over this round's time in this mode
-            "throughput_vs_none": (statistics.median(n / t for n, t in zip(seconds["none"], times))
-                                   if "none" in seconds else None),
+            # paired: this round's "none" time over this round's time in this mode; the
+            # quartiles of those ratios say how far the median can be trusted
+            **_paired_ratio(seconds.get("none"), times),
             "step_ms_per_round": [1000 * t for t in times],
         }
     return {"kind": "overhead", "rounds": rounds, "steps_per_round": steps_per_round,
             "modes": by_mode, "peak_memory_gb": peak_gb}
+
+
+def _paired_ratio(none: Optional[list[float]], times: list[float]) -> dict[str, Optional[float]]:
+    if not none:
+        return {"throughput_vs_none": None, "vs_none_q1": None, "vs_none_q3": None}
+    ratios = [n / t for n, t in zip(none, times)]
+    return {"throughput_vs_none": statistics.median(ratios),
+            "vs_none_q1": quantile(ratios, 0.25), "vs_none_q3": quantile(ratios, 0.75)}
 
 
 def _base_document(session: runner.Session) -> dict[str, Any]:
@@ -109,8 +117,8 @@ def _run(argv: Sequence[str], kind: str) -> int:
     parser = _Parser(prog=f"python -m tp_bench.selfcheck {kind}")
     add_config_arguments(parser)
     if kind == "overhead":
-        parser.add_argument("--rounds", type=int, default=5)
-        parser.add_argument("--steps_per_round", type=int, default=8)
+        parser.add_argument("--rounds", type=int, default=12)
+        parser.add_argument("--steps_per_round", type=int, default=4)
     parser.add_argument("--out", help="write the JSON report here (rank 0)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
@@ -154,13 +162,15 @@ def format_table(docs: list[dict[str, Any]]) -> str:
     overhead = [d for d in docs if d["kind"] == "overhead"]
     startup = [d for d in docs if d["kind"] == "startup"]
     if overhead:
-        lines += ["| model | impl | timing | tokens/s | vs none | MFU | step ms (median) | IQR | peak GB |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| model | impl | timing | tokens/s | vs none (median) | vs none (q1-q3) | MFU | "
+                  "step ms (median) | IQR | peak GB |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for d in overhead:
             for mode, m in d["modes"].items():
                 lines.append(
                     f"| {d['config']['model_name']} | {_label(d)} | {mode} | "
                     f"{m['tokens_per_sec']:.0f} | {_fmt(m['throughput_vs_none'], '.4f')} | "
+                    f"{_fmt(m.get('vs_none_q1'), '.3f')}-{_fmt(m.get('vs_none_q3'), '.3f')} | "
                     f"{_pct(m['mfu'])} | {m['median_step_ms']:.1f} | "
                     f"{m['iqr_pct']:.1f}% | {d['peak_memory_gb']:.1f} |")
     if startup:
