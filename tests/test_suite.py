@@ -65,7 +65,8 @@ def test_torchrun_suite_writes_one_json_that_compare_reads(tmp_path):
     proc = torchrun(2, "-m", "pytest", "-p", "suite_fault", "tests_bench", "-m", "fsdp_dtensor",
                     f"--benchmark-json={out}", "--benchmark-autosave",
                     f"--benchmark-storage=file://{storage}", timeout=300,
-                    env={**ENV, "TP_BENCH_SUITE_FAULT": "slow:1:optimizer[fsdp_dtensor-dp1-tp2]:0.4"})
+                    env={**ENV,
+                         "TP_BENCH_SUITE_FAULT": "slow:1:optimizer[fsdp_dtensor-dp1-tp2]:0.4"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # rank 0 alone reports and writes
     assert proc.stdout.count("10 passed") == 1
@@ -111,7 +112,7 @@ def test_benchmark_disable_runs_each_test_once(tmp_path):
     assert "benchmark '" not in proc.stdout and not (tmp_path / "out.json").exists()
 
 
-SUBSET = ["-m", "fsdp_dtensor and not parity", "--tp-bench-failure-grace", "5"]
+SUBSET = ["-m", "fsdp_dtensor and not parity"]
 
 
 def _exit_statuses(directory):
@@ -122,16 +123,18 @@ def test_failure_on_one_rank_mid_step_stops_every_rank_and_keeps_passed_results(
     """Rank 1 fails before the test body: rank 0 waits for it in the first collective until the
     grace period ends, then the session stops on both ranks."""
     out = tmp_path / "out.json"
+    fault = "raise:1:backward[fsdp_dtensor-dp1-tp2]:before"
     start = time.monotonic()
     proc = torchrun(2, "-m", "pytest", "-p", "suite_fault", "tests_bench", *SUBSET,
-                    f"--benchmark-json={out}", timeout=180, env={
-                        **ENV, "TP_BENCH_SUITE_FAULT": "raise:1:backward[fsdp_dtensor-dp1-tp2]:before"})
+                    "--tp-bench-failure-grace", "5", f"--benchmark-json={out}", timeout=180,
+                    env={**ENV, "TP_BENCH_SUITE_FAULT": fault})
     assert time.monotonic() - start < 120
     assert proc.returncode != 0
-    assert proc.stderr.count("tp_bench: error: rank 0: did not finish call of "
-                             "tests_bench/test_training_step.py::test_backward[fsdp_dtensor-dp1-tp2] "
-                             "within 5 s after rank 1 failed it (RuntimeError: injected failure "
-                             "before test_backward[fsdp_dtensor-dp1-tp2])") == 1
+    assert proc.stderr.count(
+        "tp_bench: error: rank 0: did not finish call of "
+        "tests_bench/test_training_step.py::test_backward[fsdp_dtensor-dp1-tp2] within 5 s after "
+        "rank 1 failed it (RuntimeError: injected failure before "
+        "test_backward[fsdp_dtensor-dp1-tp2])") == 1
     # torchrun lists both workers as failed (whichever exits last may show its SIGTERM)
     assert "rank      : 0" in proc.stderr and "rank      : 1" in proc.stderr
     assert "exitcode  : 0" not in proc.stderr
@@ -145,7 +148,8 @@ def test_failure_on_one_rank_after_the_step_fails_everywhere_and_the_session_goe
     out, exits = tmp_path / "out.json", tmp_path / "exit"
     exits.mkdir()
     proc = torchrun(2, "-m", "pytest", "-p", "suite_fault", "tests_bench", *SUBSET,
-                    f"--benchmark-json={out}", timeout=240, env={
+                    # generous: no rank is stuck here, so the grace period is never waited out
+                    "--tp-bench-failure-grace", "60", f"--benchmark-json={out}", timeout=240, env={
                         **ENV, "TP_BENCH_SUITE_EXIT_DIR": str(exits),
                         "TP_BENCH_SUITE_FAULT": "raise:1:backward[fsdp_dtensor-dp1-tp2]:after"})
     assert proc.returncode != 0

@@ -1,4 +1,5 @@
-"""pytest plugin for the benchmark suite (tests_bench/): options, markers, fixtures, rank discipline.
+"""pytest plugin for the benchmark suite (tests_bench/): options, markers, fixtures, rank
+discipline.
 
 Loaded through the ``pytest11`` entry point (from any directory once tp_bench is installed) or
 by the repository's root conftest.py. Under torchrun every rank runs pytest, and:

@@ -195,7 +195,8 @@ class StepDriver:
         for phase in _STEP:
             self._run(phase)
 
-    def round_functions(self, phase: str) -> tuple[Optional[Callable], Callable, Optional[Callable]]:
+    def round_functions(self, phase: str) -> tuple[Optional[Callable], Callable,
+                                                   Optional[Callable]]:
         """(setup, target, teardown) for benchmark.pedantic: each round is one whole step."""
         if phase == "step":
             return None, self.whole_step, None
