@@ -148,9 +148,11 @@ class FailureGuard:
         if self.ctx.is_rank0:
             try:
                 self.on_abort(message)
-            finally:
-                print(f"tp_bench: error: {message}", file=sys.stderr, flush=True)
-                self._store.set(ACK_KEY, "1")
+            except Exception as exc:  # noqa: BLE001 - the exit below must happen regardless
+                print(f"tp_bench: error: could not save the results: {type(exc).__name__}: "
+                      f"{exc}", file=sys.stderr, flush=True)
+            print(f"tp_bench: error: {message}", file=sys.stderr, flush=True)
+            self._store.set(ACK_KEY, "1")
         else:
             # Wait for rank 0 to save the results before the launcher starts killing workers.
             deadline = time.monotonic() + self.ack_timeout_s

@@ -9,6 +9,7 @@ data-parallel replicas).
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -80,6 +81,14 @@ class Session:
         self.startup = {"setup_time_s": self.setup_time_s,
                         "launch_to_first_step_s": process_age_s(),
                         **setup_memory_gb(self.ctx.device)}
+
+    def close(self) -> None:
+        """Drop the strategy (model, gradients, optimizer state), so that the next session in
+        this process (the pytest suite builds several) finds the memory free."""
+        self.strategy = self.data = self.timer = None
+        gc.collect()   # modules and optimizer state form reference cycles
+        if self.ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def train_step(self, step: int) -> PendingStep:
         strategy, timer = self.strategy, self.timer
