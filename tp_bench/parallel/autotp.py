@@ -91,6 +91,19 @@ def ds_config(cfg, tp: int) -> dict[str, Any]:
     return config
 
 
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed keeps its (data_parallel, tensor_parallel) groups in module globals, set by the
+    first engine of a process and read by every later one. A process that builds engines on
+    different meshes (the benchmark suite does) must let each engine build its own."""
+    from deepspeed.utils import groups
+
+    groups.mpu = None
+    groups.mesh_device = None
+    for name in ("_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                 "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE", "_MPU_TENSOR_MODEL_PARALLEL_RANK"):
+        setattr(groups, name, None)
+
+
 def _build_device(builder: BaseModelBuilder, cfg, device: torch.device) -> torch.device:
     if device.type != "cuda":
         return device
@@ -125,6 +138,7 @@ class AutoTPStrategy(BaseTPStrategy):
                                       weight_decay=cfg.weight_decay,
                                       **{cfg.optimizer_impl: True})
         self.ds_config = ds_config(cfg, tp)
+        _forget_deepspeed_groups()
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=self.ds_config)
         self.engine.train()
