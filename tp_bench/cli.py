@@ -162,11 +162,20 @@ def cmd_compare(argv: Sequence[str]) -> int:
                         help="the run the ratios refer to (shown first) [the first FILE]")
     parser.add_argument("--format", choices=("table", "markdown", "json"), default="table",
                         help="terminal table, markdown for a pull request, or JSON [table]")
+    parser.add_argument("--plot", metavar="DIR",
+                        help="also write PNG charts to DIR (needs matplotlib)")
     args = parser.parse_args(argv)
     from tp_bench import report
 
     comparison = report.compare(args.files, args.baseline)
+    written = []
+    if args.plot:
+        from tp_bench import plots
+
+        written = plots.write_plots(comparison, args.plot)
     sys.stdout.write(report.FORMATS[args.format](comparison))
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
