@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from launch import python
 from result_docs import make_doc, write
 from tp_bench import cli, report
 
@@ -99,3 +100,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, content, message):
     assert cli.main(["compare", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tp_bench: error: ") and message in err and err.count("\n") == 1
+
+
+def test_compare_cpu_runs_end_to_end(cpu_runs, tmp_path):
+    honest, slowed = cpu_runs
+    proc = python("-m", "tp_bench", "compare", str(honest), str(slowed), "--format",
+                  "markdown", "--plot", str(tmp_path / "plots"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[2].startswith("| 1 | fsdp_dtensor | dp1xtp1 | tiny (4L) | 64 | 2 | "
+                               "bf16/fp32/fp32 |")
+    ratio = float(lines[3].split("|")[-3].strip().rstrip("x"))
+    assert ratio < 0.8                # the slowed run: about a third of the throughput
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == \
+        ["loss.png", "memory.png", "phases.png", "throughput.png"]

@@ -179,6 +179,12 @@ def cmd_compare(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_gate(argv: Sequence[str]) -> int:
+    from tp_bench import ci_gate
+
+    return ci_gate.main(argv, prog="tp-bench gate")
+
+
 def torch_broadcast_flag(flag: bool) -> bool:
     """Rank 0's verdict, on every rank (so every rank exits with the same status)."""
     import torch.distributed as dist
@@ -195,6 +201,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "models": cmd_models,
     "parity": cmd_parity,
     "compare": cmd_compare,
+    "gate": cmd_gate,
 }
 
 
