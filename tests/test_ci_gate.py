@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import SLOWDOWN
+from conftest import SLOWDOWN, concurrently
 from launch import python
 from tp_bench import ci_gate
 from tp_bench.ci_gate import GateInputError, Sample, gate, judge
@@ -185,15 +185,18 @@ BENCH_FILE = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def pytest_benchmark_runs(tmp_path_factory):
+    """An honest and a slowed pytest-benchmark run, measured at the same time (see cpu_runs)."""
     root = tmp_path_factory.mktemp("pb")
     (root / "test_cpu_work.py").write_text(BENCH_FILE)
     (root / "pytest.ini").write_text("[pytest]\n")
-    out = {}
-    for label, slowdown in (("honest", "0"), ("slowed", str(SLOWDOWN))):
-        out[label] = root / f"{label}.json"
-        proc = python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:tp_bench",
+    out = {label: root / f"{label}.json" for label in ("honest", "slowed")}
+
+    def run(label, slowdown):
+        return python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:tp_bench",
                       "test_cpu_work.py", f"--benchmark-json={out[label]}", cwd=root,
                       timeout=120, env={"TP_BENCH_TEST_SLOWDOWN": slowdown})
+
+    for proc in concurrently(lambda: run("honest", "0"), lambda: run("slowed", str(SLOWDOWN))):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
 

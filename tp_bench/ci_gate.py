@@ -14,14 +14,14 @@ The rule, per benchmark, on time per round (a step):
 
 The second condition asks that the fresh run's interquartile range lie wholly above the
 baseline's: three quarters of the fresh rounds are slower than three quarters of the baseline
-rounds. A shift that a noisy machine
-produces between two honest runs moves the medians but leaves the quartile boxes overlapping;
-a real slowdown of the work moves the whole distribution. Quartiles come from pytest-benchmark's
-stats as stored (so autosaved files without raw data work); for results files, from the step times.
+rounds. Noise between two honest runs moves the medians but leaves the quartile boxes
+overlapping; a real slowdown of the work moves the whole distribution. Quartiles come from
+pytest-benchmark's stats as stored (so autosaved files without raw data work); for results
+files, from the step times. A speed-up beyond both is reported as FASTER and never fails.
 
-Exit status: 0 no regression, 1 at least one regression (each named, with both medians and the
-slowdown), 2 bad input (missing or unreadable file, no benchmark in common, a failed run, or
-a baseline and a fresh results file measuring different configurations).
+Exit status: 0 no regression, 1 at least one regression (each named, with both values and the
+slowdown), 2 bad input (missing or unreadable file, no benchmark in common, a run that did not
+complete, or a baseline and a fresh run that record different options for the same benchmark).
 """
 
 from __future__ import annotations

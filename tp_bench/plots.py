@@ -121,6 +121,7 @@ def plot_phases(plt, comparison: Comparison):
     fig, ax = _figure(plt, len(runs), comparison)
     ys = list(range(len(runs)))
     left = [0.0] * len(runs)
+    longest = max([r.summary.get("avg_step_time_ms") or 0.0 for r in runs] + [1e-12])
     for phase, color in _PHASES:
         widths = []
         for run, row in zip(runs, comparison.rows):
@@ -130,7 +131,7 @@ def plot_phases(plt, comparison: Comparison):
             widths.append(max(0.0, pct or 0.0) * mean_ms / 100)
         ax.barh(ys, widths, left=left, color=color, label=phase)
         for y, x, w in zip(ys, left, widths):
-            if w > 0.07 * max(1e-12, max(r.summary.get("avg_step_time_ms") or 0 for r in runs)):
+            if w > 0.07 * longest:   # a number only where it fits inside its segment
                 ax.text(x + w / 2, y, f"{w:.0f}", ha="center", va="center", fontsize=8,
                         color="white")
         left = [a + b for a, b in zip(left, widths)]
