@@ -2,3 +2,44 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/launch.py
+
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+import pytest  # noqa: E402
+
+from launch import torchrun  # noqa: E402
+
+# The small CPU run the gate and comparison tests share (benchmarks/gate_false_alarms.sh runs
+# the same one to measure how often two honest runs would fail the gate). One process: two
+# ranks on this 2-core machine stall on every collective whenever anything else runs, and the
+# gate's tests are about the gate, not about tensor parallelism.
+CPU_RUN = ["--impl", "fsdp_dtensor", "--model_name", "tiny", "--seq_length", "64",
+           "--batch_size", "2", "--num_training_steps", "20"]
+# Sleep twice a step's time per step: about three times as slow. Other users' load on this
+# shared machine has been seen to stretch a whole run by 1.6x; the injected slowdown must stay
+# beyond the gate's threshold even when the baseline happened to run under such load.
+SLOWDOWN = 2.0
+
+
+@pytest.fixture(scope="session")
+def cpu_runs(tmp_path_factory):
+    """Two results directories: an honest run, and the same run with every step slowed down
+    by tests/slowdown_injection.py, measured at the same time so that other users' load on a
+    shared machine weighs on both alike (one after the other, a loaded honest run has been
+    seen to come out slower than an unloaded slowed one)."""
+    root = tmp_path_factory.mktemp("cpu_runs")
+    honest, slowed = concurrently(
+        lambda: torchrun(1, "benchmark.py", *CPU_RUN, "--output_dir", str(root / "honest"),
+                         timeout=180),
+        lambda: torchrun(1, "tests/slowdown_injection.py", *CPU_RUN, "--output_dir",
+                         str(root / "slowed"), timeout=180,
+                         env={"TP_BENCH_TEST_SLOWDOWN": str(SLOWDOWN)}))
+    assert honest.returncode == 0, honest.stderr[-3000:]
+    assert slowed.returncode == 0, slowed.stderr[-3000:]
+    return root / "honest", root / "slowed"
+
+
+def concurrently(*calls):
+    """Run the calls in threads (each starts a subprocess); their results, in order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]

@@ -151,6 +151,40 @@ def cmd_parity(argv: Sequence[str]) -> int:
     return 0 if verdict else 1
 
 
+def cmd_compare(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="tp-bench compare", description="Compare results files side by side: "
+                     "one row per run, ratios to the first run (or --baseline). Runs with a "
+                     "different model, sequence length, precision policy or device type are "
+                     "flagged as not comparable instead of ranked.")
+    parser.add_argument("files", nargs="+", metavar="FILE",
+                        help="results JSON files, or directories holding results_*.json")
+    parser.add_argument("--baseline", metavar="FILE",
+                        help="the run the ratios refer to (shown first) [the first FILE]")
+    parser.add_argument("--format", choices=("table", "markdown", "json"), default="table",
+                        help="terminal table, markdown for a pull request, or JSON [table]")
+    parser.add_argument("--plot", metavar="DIR",
+                        help="also write PNG charts to DIR (needs matplotlib)")
+    args = parser.parse_args(argv)
+    from tp_bench import report
+
+    comparison = report.compare(args.files, args.baseline)
+    written = []
+    if args.plot:
+        from tp_bench import plots
+
+        written = plots.write_plots(comparison, args.plot)
+    sys.stdout.write(report.FORMATS[args.format](comparison))
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_gate(argv: Sequence[str]) -> int:
+    from tp_bench import ci_gate
+
+    return ci_gate.main(argv, prog="tp-bench gate")
+
+
 def torch_broadcast_flag(flag: bool) -> bool:
     """Rank 0's verdict, on every rank (so every rank exits with the same status)."""
     import torch.distributed as dist
@@ -166,6 +200,8 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "run": cmd_run,
     "models": cmd_models,
     "parity": cmd_parity,
+    "compare": cmd_compare,
+    "gate": cmd_gate,
 }
 
 
