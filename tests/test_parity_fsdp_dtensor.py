@@ -25,6 +25,9 @@ CASES = {
     "dp2-tp2-ga2-ac": (4, ["--model_name", "tiny", "--dp_size", "2",
                            "--gradient_accumulation_steps", "2", "--activation_checkpointing"]),
     "tp2-tied-embeddings": (2, ["--model_name", TINY_TIED]),
+    # meta-device init must keep the tie where no TP plan re-ties it (tp 1; FSDP over dp)
+    "tp1-tied-embeddings": (1, ["--model_name", TINY_TIED, "--num_layers", "2"]),
+    "dp2-tied-embeddings": (2, ["--model_name", TINY_TIED, "--num_layers", "2", "--dp_size", "2"]),
     "tp2-llama": (2, ["--model_name", TINY_LLAMA]),
     "tp2-qwen2-bias-no-sp": (2, ["--model_name", TINY_QWEN2, "--sequence_parallel", "false"]),
     "tp2-compile": (2, ["--model_name", "tiny", "--num_layers", "2", "--compile"]),

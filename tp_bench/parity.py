@@ -20,6 +20,7 @@ import torch.distributed as dist
 from tp_bench.config import BenchConfig
 from tp_bench.data import SyntheticData
 from tp_bench.models.base import canonical_param_name
+from tp_bench.parallel.base import compute_policy
 from tp_bench.runner import Session
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -36,38 +37,54 @@ class Trace:
 
 def reference_trace(cfg: BenchConfig, num_steps: int, device: torch.device,
                     capture_grads: bool = True) -> Trace:
-    """Train the unsharded model in one process on the global batch."""
+    """Train the unsharded model in one process on the global batch, under the same compute
+    policy as the strategies (``parallel.base.compute_policy``): with "cast", forward and
+    backward run on a copy of the float32 master model in the compute dtype, whose gradients
+    are taken back to float32 for clipping and AdamW; with "autocast", on the float32 model
+    under torch.autocast."""
+    import copy
+
     from tp_bench.models import get_model_builder
 
     builder = get_model_builder(cfg.model_name)
-    model = builder.create_model(device, torch.float32, num_layers=cfg.num_layers,
-                                 attn_impl=cfg.attn_impl)
-    builder.init_weights(model, cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+    master = builder.create_model(device, torch.float32, num_layers=cfg.num_layers,
+                                  attn_impl=cfg.attn_impl)
+    builder.init_weights(master, cfg.seed)
+    optimizer = torch.optim.AdamW(master.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
-    data = SyntheticData(model.config.vocab_size, cfg.batch_size, cfg.seq_length, cfg.seed)
+    policy = compute_policy(cfg.dtype, cfg.autocast)
+    # deepcopy keeps tied weights tied; parameters() lists both models in the same order
+    work = copy.deepcopy(master).to(DTYPES[cfg.dtype]) if policy == "cast" else master
+    data = SyntheticData(master.config.vocab_size, cfg.batch_size, cfg.seq_length, cfg.seed)
     ga = cfg.gradient_accumulation_steps
-    autocast = cfg.dtype != "float32"
     trace = Trace()
     for step in range(num_steps):
         losses = []
         for micro in range(ga):
             batch = data.global_batch(step, micro, cfg.dp_size).to(device)
-            with torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=autocast):
-                loss = model(input_ids=batch.input_ids, labels=batch.labels, use_cache=False).loss
+            with torch.autocast(device.type, dtype=DTYPES[cfg.dtype],
+                                enabled=policy == "autocast"):
+                loss = work(input_ids=batch.input_ids, labels=batch.labels, use_cache=False).loss
             (loss / ga).backward()
-            losses.append(loss.detach())
+            losses.append(loss.detach().float())
+        if work is not master:
+            for p, w in zip(master.parameters(), work.parameters()):
+                p.grad, w.grad = (None if w.grad is None else w.grad.float()), None
         if step == 0 and capture_grads:
             trace.grads = {canonical_param_name(n): p.grad.detach().float().cpu().clone()
-                           for n, p in model.named_parameters() if p.grad is not None}
+                           for n, p in master.named_parameters() if p.grad is not None}
         # Exact (float64) norm: a float32 norm over millions of elements is off by ~1e-4,
         # which would eat the tolerance the strategy's own float32 norm is judged by.
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [p.grad for p in master.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([g.double() for g in grads], 2.0)
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.max_grad_norm, norm)
+            torch.nn.utils.clip_grads_with_norm_(master.parameters(), cfg.max_grad_norm, norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if work is not master:
+            with torch.no_grad():
+                for p, w in zip(master.parameters(), work.parameters()):
+                    w.copy_(p)
         trace.losses.append(torch.stack(losses).mean().item())
         trace.grad_norms.append(norm.item())
     return trace

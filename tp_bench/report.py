@@ -102,21 +102,25 @@ def model_label(doc: dict[str, Any]) -> str:
 
 
 def precision_key(doc: dict[str, Any]) -> tuple:
-    """What is computed, kept and reduced in which dtype; *how* (autocast, FSDP casts,
-    DeepSpeed's bf16 module copy) is the implementation's business and does not count."""
+    """What is computed, kept and reduced in which dtype, and the compute policy (parameters
+    cast to the compute dtype, or autocast: they train differently); the mechanism (FSDP2's
+    casts, DeepSpeed's bf16 module copy) is the implementation's business and does not count."""
     p = doc.get("precision")
     if not p:
-        return (doc["config"].get("dtype"), None, None, None)
+        return (doc["config"].get("dtype"), None, None, None, None)
     return (p.get("compute_dtype"), p.get("master_weights"), p.get("optimizer_state_dtype"),
-            p.get("grad_reduce_dtype"))
+            p.get("grad_reduce_dtype"), p.get("policy"))
 
 
 def precision_label(doc: dict[str, Any]) -> str:
-    """compute/master/reduce, e.g. ``bf16/fp32/fp32``; optimizer state added when it differs."""
-    compute, master, opt_state, reduce = (_SHORT_DTYPE.get(d, d or "?")
-                                          for d in precision_key(doc))
+    """compute/master/reduce, e.g. ``bf16/fp32/fp32``; optimizer state added when it differs,
+    ``autocast`` when that is the policy."""
+    *dtypes, policy = precision_key(doc)
+    compute, master, opt_state, reduce = (_SHORT_DTYPE.get(d, d or "?") for d in dtypes)
     label = f"{compute}/{master}/{reduce}"
-    return label if opt_state in (master, "?") else f"{label} opt {opt_state}"
+    if opt_state not in (master, "?"):
+        label += f" opt {opt_state}"
+    return f"{label} autocast" if policy == "autocast" else label
 
 
 def comparability_reasons(base: dict[str, Any], other: dict[str, Any]) -> list[str]:

@@ -17,6 +17,24 @@ from tp_bench.data import Batch
 from tp_bench.models.base import BaseModelBuilder
 
 
+def compute_policy(dtype: str, autocast: bool) -> str:
+    """How ``--dtype`` is applied; every strategy (and the parity reference) implements the same:
+
+    "cast"      every parameter, norms and embeddings too, is used in ``dtype`` for compute (a
+                copy of the float32 master weights that the optimizer updates); the residual
+                stream is in ``dtype``. DeepSpeed's bf16 mode, FSDP2's MixedPrecisionPolicy.
+    "autocast"  float32 parameters; torch.autocast casts matmul inputs, while norms, embedding
+                lookups and the residual stream stay float32.
+    "none"      float32 throughout.
+
+    The two mixed policies train measurably differently in the first steps (norm weights of
+    1.0 do not move in bf16 until their update exceeds 2^-8), so they are never mixed up.
+    """
+    if dtype == "float32":
+        return "none"
+    return "autocast" if autocast else "cast"
+
+
 class BaseTPStrategy(ABC):
     name: str = ""
 

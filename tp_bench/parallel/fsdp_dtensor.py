@@ -12,14 +12,16 @@ Techniques, each an option recorded in the result:
   full [tokens, vocab] logits).
 - Sequence parallelism (``--sequence_parallel``): norms and the residual stream sharded on the
   sequence dim; the blocks all-gather it and the row-parallel outputs reduce-scatter it back.
-- FSDP2 over "dp" only when dp > 1 (at dp = 1 it would only add parameter copies), unless
-  ``--fsdp_at_dp1``.
+- FSDP2 over "dp" when dp > 1, and at dp = 1 only where it is the precision mechanism (the
+  default bf16/fp16 policy below); with ``--autocast`` or float32 it would only add copies
+  there, unless ``--fsdp_at_dp1``.
 
-Precision (the default matches AutoTP's): parameters and optimizer state in float32 (master
-weights), compute in ``--dtype``, gradients reduced in float32. Under FSDP2 the
-MixedPrecisionPolicy casts the all-gathered parameters; without FSDP (dp = 1) or with
-``--autocast``, torch.autocast does. Pure-bf16 parameters with AdamW at lr 1e-5 would silently
-stop learning (the updates round away), so they are not offered.
+Precision (``parallel.base.compute_policy``; the default is AutoTP's): parameters and
+optimizer state in float32 (master weights), gradients reduced in float32. Default ("cast"):
+FSDP2's MixedPrecisionPolicy casts every parameter to ``--dtype`` for compute, as DeepSpeed's
+bf16 mode does; ``--autocast``: torch.autocast on float32 parameters. Pure-bf16 parameters
+with AdamW at lr 1e-5 would silently stop learning (the updates round away), so they are not
+offered.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 
 from tp_bench.data import Batch
 from tp_bench.models.base import BaseModelBuilder, canonical_param_name
-from tp_bench.parallel.base import BaseTPStrategy
+from tp_bench.parallel.base import BaseTPStrategy, compute_policy
 from tp_bench.parallel.factory import register_strategy
 from tp_bench.parallel.grad_norm import clip_grad_norm_
 
@@ -77,6 +79,15 @@ def apply_tp(model: nn.Module, builder: BaseModelBuilder, tp_mesh, vocab_paralle
     if tied and vocab_parallel:
         # parallelize_module swapped in a new parameter on each module: tie them again
         # (both are sharded on the vocab dim, Shard(0), so one parameter serves both).
+        lm_head.weight = embedding.weight
+
+
+def retie_embeddings(model: nn.Module, builder: BaseModelBuilder, tied: bool) -> None:
+    """``to_empty`` gives every module its own new parameter, so a meta-built model with tied
+    embeddings comes out with an lm_head that no longer shares the embedding's weight (a
+    different, larger model, silently). Tie them again."""
+    embedding, lm_head = builder.get_embedding_module(model), builder.get_lm_head(model)
+    if tied and lm_head.weight is not embedding.weight:
         lm_head.weight = embedding.weight
 
 
@@ -145,13 +156,17 @@ class FSDPDTensorStrategy(BaseTPStrategy):
         tp = self.mesh["tp"].size()
         self.vocab_parallel = cfg.use_vocab_parallel and tp > 1
         self.sequence_parallel = cfg.sequence_parallel and tp > 1
-        self.use_fsdp = self.mesh["dp"].size() > 1 or cfg.fsdp_at_dp1
+        # FSDP2 is the mechanism that casts parameters to the compute dtype (the default
+        # policy), so it stays on at dp 1 then; with autocast or float32 it would only copy.
+        casts_params = cfg.dtype != "float32" and not cfg.autocast
+        self.use_fsdp = self.mesh["dp"].size() > 1 or cfg.fsdp_at_dp1 or casts_params
 
         model = builder.create_model("meta" if cfg.meta_init else self.device, torch.float32,
                                      num_layers=cfg.num_layers, attn_impl=cfg.attn_impl)
         if not cfg.meta_init:
             builder.init_weights(model, cfg.seed)   # full values first, then sharded copies
         layers = builder.get_transformer_layers(model)
+        tied = builder.get_embedding_module(model).weight is builder.get_lm_head(model).weight
         applied = []
         if tp > 1:
             apply_tp(model, builder, self.mesh["tp"], self.vocab_parallel, self.sequence_parallel)
@@ -168,6 +183,7 @@ class FSDPDTensorStrategy(BaseTPStrategy):
             applied.append(f"FSDP2 over dp {self.mesh['dp'].size()}")
         if cfg.meta_init:
             model.to_empty(device=self.device)
+            retie_embeddings(model, builder, tied)
             builder.init_weights(model, cfg.seed)  # each rank fills only its own shards
             applied.append("meta-device init")
         log.info("fsdp_dtensor: %s", ", ".join(applied) or "plain model")
@@ -186,7 +202,7 @@ class FSDPDTensorStrategy(BaseTPStrategy):
 
     @property
     def _uses_autocast(self) -> bool:
-        return self.cfg.dtype != "float32" and (self.cfg.autocast or not self.use_fsdp)
+        return self.cfg.dtype != "float32" and self.cfg.autocast
 
     def _context(self):
         """Forward and backward run inside this: autocast and/or loss parallelism."""
@@ -248,6 +264,7 @@ class FSDPDTensorStrategy(BaseTPStrategy):
             "optimizer_state_dtype": "float32",
             "compute_dtype": cfg.dtype,
             "grad_reduce_dtype": "float32",
+            "policy": compute_policy(cfg.dtype, cfg.autocast),
             "mechanism": mechanism,
             "loss_scaling": "dynamic" if self.scaler else None,
         }
