@@ -178,15 +178,22 @@ class BaseModelBuilder(ABC):
         strategy, so both strategies and the single-process reference start from identical
         weights; sharded (DTensor) parameters get exactly their slice of the full value.
         """
-        std = getattr(self.hf_config, "initializer_range", None) or 0.02
         for name, param in model.named_parameters():  # tied weights appear once
-            module_name, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(module_name) if module_name else model
-            canonical = canonical_param_name(name)
-            full = self._initial_value(owner, leaf, tuple(param.shape), std, param.device,
-                                       _param_seed(seed, canonical), canonical)
+            full = self.initial_value(model, name, seed, param.device)
             _write_full_value(param, full.to(param.dtype))
         self.reset_buffers(model)
+
+    def initial_value(self, model: nn.Module, name: str, seed: int,
+                      device: torch.device | str) -> torch.Tensor:
+        """The full float32 initial value of parameter ``name`` of ``model`` (unsharded, as
+        built by ``create_model``; a meta-device model will do), drawn on ``device``."""
+        std = getattr(self.hf_config, "initializer_range", None) or 0.02
+        module_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(module_name) if module_name else model
+        canonical = canonical_param_name(name)
+        shape = tuple(getattr(owner, leaf).shape)   # a DTensor's shape is the global one
+        return self._initial_value(owner, leaf, shape, std, torch.device(device),
+                                   _param_seed(seed, canonical), canonical)
 
     def _initial_value(self, owner: nn.Module, leaf: str, shape: tuple[int, ...], std: float,
                        device: torch.device, seed: int, name: str) -> torch.Tensor:

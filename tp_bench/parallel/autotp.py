@@ -91,6 +91,40 @@ def ds_config(cfg, tp: int) -> dict[str, Any]:
     return config
 
 
+def restore_exact_master_weights(model: nn.Module, builder: BaseModelBuilder, cfg,
+                                 tp_group, build_device: torch.device) -> int:
+    """Give DeepSpeed's float32 master weights the exact initial values.
+
+    DeepSpeed casts the module to bf16/fp16 before its optimizer copies the weights into float32
+    masters, so the masters start on the low-precision grid: every update smaller than half a
+    grid step then rounds back to the same compute weight, and at lr 1e-5 the model trains
+    visibly slower for tens of steps than the same model started from its float32 values (as
+    fsdp_dtensor and the parity reference are). Each rank regenerates its parameters' initial
+    values, takes its tp shard, checks that the module holds exactly that shard rounded, and
+    writes it into the master. Returns the number of parameters restored.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    unsharded = builder.create_model("meta", torch.float32, num_layers=cfg.num_layers,
+                                     attn_impl=cfg.attn_impl)
+    tp_rank, tp = dist.get_rank(tp_group), dist.get_world_size(tp_group)
+    restored = 0
+    for name, param in model.named_parameters():
+        if not hasattr(param, "_hp_mapping"):   # no master copy (e.g. float32 at ZeRO 0)
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        dim = AutoTPStrategy._shard_dim(model.get_submodule(module_name), leaf)
+        full = builder.initial_value(unsharded, canonical_param_name(name), cfg.seed,
+                                     build_device).to(param.device)
+        shard = full if dim is None else torch.chunk(full, tp, dim=dim)[tp_rank]
+        if shard.shape != param.shape or not torch.equal(shard.to(param.dtype), param.detach()):
+            raise RuntimeError(f"autotp: cannot match {name} {tuple(param.shape)} to its initial "
+                               f"value; DeepSpeed sharded it in an unexpected way")
+        safe_set_full_fp32_param(param, shard)
+        restored += 1
+    return restored
+
+
 def _forget_deepspeed_groups() -> None:
     """DeepSpeed keeps its (data_parallel, tensor_parallel) groups in module globals, set by the
     first engine of a process and read by every later one. A process that builds engines on
@@ -143,6 +177,9 @@ class AutoTPStrategy(BaseTPStrategy):
                                                     config=self.ds_config)
         self.engine.train()
         self.model = self.engine.module
+        if compute_policy(cfg.dtype, cfg.autocast) == "cast":
+            restore_exact_master_weights(self.model, builder, cfg, self.tp_group,
+                                         self.build_device)
         applied.append(f"ZeRO {cfg.zero_stage} over dp {self.mesh['dp'].size()}")
         if cfg.compile:
             for layer in builder.get_transformer_layers(self.model):
