@@ -36,7 +36,7 @@ from torch import nn
 
 from tp_bench.data import Batch
 from tp_bench.models.base import BaseModelBuilder, canonical_param_name
-from tp_bench.parallel.base import BaseTPStrategy, compute_policy
+from tp_bench.parallel.base import BaseTPStrategy, compute_policy, precision_record
 from tp_bench.parallel.factory import register_strategy
 from tp_bench.parallel.vocab_parallel import (VocabParallelEmbedding, VocabParallelLMHead,
                                               vocab_parallel_causal_cross_entropy)
@@ -262,16 +262,8 @@ class AutoTPStrategy(BaseTPStrategy):
         else:
             mechanism = "deepspeed bf16" if cfg.dtype == "bfloat16" else "deepspeed fp16"
             module_dtype = cfg.dtype
-        return {
-            "param_dtype": module_dtype,
-            "master_weights": "float32",
-            "optimizer_state_dtype": "float32",
-            "compute_dtype": cfg.dtype,
-            "grad_reduce_dtype": "float32",
-            "policy": compute_policy(cfg.dtype, cfg.autocast),
-            "mechanism": mechanism,
-            "loss_scaling": "dynamic" if cfg.dtype == "float16" and not cfg.autocast else None,
-        }
+        return precision_record(cfg, module_dtype, mechanism, "dynamic" if cfg.dtype == "float16"
+                                and not cfg.autocast else None)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -35,6 +35,22 @@ def compute_policy(dtype: str, autocast: bool) -> str:
     return "autocast" if autocast else "cast"
 
 
+def precision_record(cfg: BenchConfig, param_dtype: str, mechanism: str,
+                     loss_scaling: Optional[str]) -> dict[str, Any]:
+    """The result's ``precision`` block, the same keys for every strategy: master weights,
+    AdamW state and gradient reduction are float32 in every policy."""
+    return {
+        "param_dtype": param_dtype,           # what the module's parameters are stored as
+        "master_weights": "float32",
+        "optimizer_state_dtype": "float32",
+        "compute_dtype": cfg.dtype,
+        "grad_reduce_dtype": "float32",
+        "policy": compute_policy(cfg.dtype, cfg.autocast),
+        "mechanism": mechanism,
+        "loss_scaling": loss_scaling,
+    }
+
+
 class BaseTPStrategy(ABC):
     name: str = ""
 

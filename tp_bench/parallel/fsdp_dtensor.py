@@ -35,7 +35,7 @@ from torch import nn
 
 from tp_bench.data import Batch
 from tp_bench.models.base import BaseModelBuilder, canonical_param_name
-from tp_bench.parallel.base import BaseTPStrategy, compute_policy
+from tp_bench.parallel.base import BaseTPStrategy, precision_record
 from tp_bench.parallel.factory import register_strategy
 from tp_bench.parallel.grad_norm import clip_grad_norm_
 
@@ -258,16 +258,8 @@ class FSDPDTensorStrategy(BaseTPStrategy):
             mechanism = "torch.autocast"
         else:
             mechanism = "fsdp2_mixed_precision"
-        return {
-            "param_dtype": "float32",
-            "master_weights": "float32",
-            "optimizer_state_dtype": "float32",
-            "compute_dtype": cfg.dtype,
-            "grad_reduce_dtype": "float32",
-            "policy": compute_policy(cfg.dtype, cfg.autocast),
-            "mechanism": mechanism,
-            "loss_scaling": "dynamic" if self.scaler else None,
-        }
+        return precision_record(cfg, "float32", mechanism,
+                                "dynamic" if self.scaler else None)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.cfg

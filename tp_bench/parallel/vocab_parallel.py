@@ -64,8 +64,8 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class VocabParallelEmbedding(nn.Module):
-    """An ``nn.Embedding`` whose rows are split over the tp group."""
+class _VocabShard(nn.Module):
+    """Holds rows [vocab_start, vocab_end) of a [vocab, hidden] weight, split over ``group``."""
 
     def __init__(self, weight_shard: torch.Tensor, vocab_size: int, vocab_start: int, group):
         super().__init__()
@@ -77,13 +77,24 @@ class VocabParallelEmbedding(nn.Module):
         self.group = group
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, group) -> "VocabParallelEmbedding":
-        """Take this rank's rows of a full embedding (its values are kept)."""
-        vocab_size = embedding.weight.shape[0]
+    def from_full_weight(cls, weight: torch.Tensor, group):
+        """Take this rank's rows of a full weight (its values are kept)."""
+        vocab_size = weight.shape[0]
         start, end = vocab_range(vocab_size, dist.get_rank(group), dist.get_world_size(group))
-        shard = nn.Parameter(embedding.weight.detach()[start:end].clone(),
-                             requires_grad=embedding.weight.requires_grad)
+        shard = nn.Parameter(weight.detach()[start:end].clone(), requires_grad=weight.requires_grad)
         return cls(shard, vocab_size, start, group)
+
+    def extra_repr(self) -> str:
+        return (f"vocab [{self.vocab_start}, {self.vocab_end}) of {self.vocab_size}, "
+                f"dim {self.weight.shape[1]}")
+
+
+class VocabParallelEmbedding(_VocabShard):
+    """An ``nn.Embedding`` whose rows are split over the tp group."""
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, group) -> "VocabParallelEmbedding":
+        return cls.from_full_weight(embedding.weight, group)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
@@ -91,38 +102,18 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return _ReduceFromTP.apply(out, self.group)
 
-    def extra_repr(self) -> str:
-        return (f"vocab [{self.vocab_start}, {self.vocab_end}) of {self.vocab_size}, "
-                f"dim {self.weight.shape[1]}")
 
-
-class VocabParallelLMHead(nn.Module):
+class VocabParallelLMHead(_VocabShard):
     """Output projection with vocabulary-sharded weight; returns this rank's logit columns."""
-
-    def __init__(self, weight_shard: torch.Tensor, vocab_size: int, vocab_start: int, group):
-        super().__init__()
-        self.weight = weight_shard if isinstance(weight_shard, nn.Parameter) \
-            else nn.Parameter(weight_shard)
-        self.vocab_size = vocab_size
-        self.vocab_start = vocab_start
-        self.group = group
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group) -> "VocabParallelLMHead":
         if linear.bias is not None:
             raise ValueError("vocabulary-parallel lm_head: a bias is not supported")
-        vocab_size = linear.weight.shape[0]
-        start, end = vocab_range(vocab_size, dist.get_rank(group), dist.get_world_size(group))
-        shard = nn.Parameter(linear.weight.detach()[start:end].clone(),
-                             requires_grad=linear.weight.requires_grad)
-        return cls(shard, vocab_size, start, group)
+        return cls.from_full_weight(linear.weight, group)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(_CopyToTP.apply(hidden, self.group), self.weight)
-
-    def extra_repr(self) -> str:
-        return (f"vocab [{self.vocab_start}, {self.vocab_start + self.weight.shape[0]}) of "
-                f"{self.vocab_size}, dim {self.weight.shape[1]}")
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
