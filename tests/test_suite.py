@@ -51,9 +51,9 @@ def test_parametrization_meshes_and_markers():
 
 def test_import_failure_is_reported_not_a_crash():
     proc = python("-m", "pytest", "tests_bench", "-p", "broken_strategy", "-k", "test_step",
-                  "--benchmark-disable", env=ENV, timeout=180)
+                  "-m", "not autotp", "--benchmark-disable", env=ENV, timeout=180)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "1 passed, 8 deselected, 1 error" in proc.stdout
+    assert re.search(r"\b1 passed, \d+ deselected, 1 error\b", proc.stdout), proc.stdout
     assert ("strategy 'broken' is registered but cannot be imported: ModuleNotFoundError: "
             "No module named 'a_framework_that_is_not_installed'") in proc.stdout
 
@@ -125,8 +125,10 @@ def test_failure_on_one_rank_mid_step_stops_every_rank_and_keeps_passed_results(
     out = tmp_path / "out.json"
     fault = "raise:1:backward[fsdp_dtensor-dp1-tp2]:before"
     start = time.monotonic()
+    # one mesh, so the tests that ran before the failure do not depend on collection order
     proc = torchrun(2, "-m", "pytest", "-p", "suite_fault", "tests_bench", *SUBSET,
-                    "--tp-bench-failure-grace", "5", f"--benchmark-json={out}", timeout=180,
+                    "--tp-bench-mesh", "1x2", "--tp-bench-failure-grace", "5",
+                    f"--benchmark-json={out}", timeout=180,
                     env={**ENV, "TP_BENCH_SUITE_FAULT": fault})
     assert time.monotonic() - start < 120
     assert proc.returncode != 0
