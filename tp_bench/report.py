@@ -103,7 +103,7 @@ def model_label(doc: dict[str, Any]) -> str:
 
 def precision_key(doc: dict[str, Any]) -> tuple:
     """What is computed, kept and reduced in which dtype, and the compute policy (parameters
-    cast to the compute dtype, or autocast: they train differently); the mechanism (FSDP2's
+    cast to the compute dtype, or autocast: they compute different things); the mechanism (FSDP2's
     casts, DeepSpeed's bf16 module copy) is the implementation's business and does not count."""
     p = doc.get("precision")
     if not p:

@@ -27,8 +27,9 @@ def compute_policy(dtype: str, autocast: bool) -> str:
                 lookups and the residual stream stay float32.
     "none"      float32 throughout.
 
-    The two mixed policies train measurably differently in the first steps (norm weights of
-    1.0 do not move in bf16 until their update exceeds 2^-8), so they are never mixed up.
+    The two mixed policies compute different things (a bf16 norm weight of 1.0 moves only once
+    its fp32 master has drifted half a bf16 step), so runs of different policies are never
+    ranked against each other.
     """
     if dtype == "float32":
         return "none"
