@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tp_bench import distributed, results
-from tp_bench.config import BenchConfig, ConfigError
+from tp_bench.config import BenchConfig
 from tp_bench.data import SyntheticData
 from tp_bench.metrics import (MemoryMeter, PhaseTimer, StepRecord, Throughput, peak_tflops_for,
                               process_age_s, resolve_phases, setup_memory_gb)
