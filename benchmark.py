@@ -1,6 +1,6 @@
 """Seed-compatible entry point: ``torchrun --nproc_per_node=N benchmark.py --impl ... [options]``."""
 
-from tp_bench.cli import entry
+from tp_bench.frontends.cli import entry
 
 if __name__ == "__main__":
     entry()

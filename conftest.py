@@ -1,8 +1,8 @@
-"""In-repo glue: the fixtures and hooks live in tp_bench.pytest_plugin, which an installed
+"""In-repo glue: the fixtures and hooks live in tp_bench.frontends.pytest_plugin, which an installed
 tp_bench loads through its pytest11 entry point (named "tp_bench"). From a checkout that is not
 installed (or with plugin autoloading off) it is registered here, once, under the same name."""
 
-from tp_bench import pytest_plugin
+from tp_bench.frontends import pytest_plugin
 
 
 def pytest_addoption(parser, pluginmanager):

@@ -4,7 +4,7 @@
 # CPU benchmark twice (the configuration of the gate's tests: tiny preset, NPROC processes,
 # default 1) and gate the second run against the first. Prints each verdict and the count that
 # passed. The runs are kept, so other rules can be tried afterwards without rerunning:
-#   python -m tp_bench.ci_gate OUTDIR/N/baseline OUTDIR/N/fresh --threshold PCT
+#   python -m tp_bench gate OUTDIR/N/baseline OUTDIR/N/fresh --threshold PCT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pairs=${1:-20} threshold=${2:-25} out=${3:-out/gate_false_alarms}
@@ -23,7 +23,7 @@ for i in $(seq 1 "$pairs"); do
   run "$out/$i/baseline"
   run "$out/$i/fresh"
   status=0
-  verdict=$(python3 -m tp_bench.ci_gate "$out/$i/baseline" "$out/$i/fresh" \
+  verdict=$(python3 -m tp_bench gate "$out/$i/baseline" "$out/$i/fresh" \
     --threshold "$threshold" "$@") || status=$?
   [ "$status" -eq 0 ] && passed=$((passed + 1))
   echo "$i: exit $status: ${verdict%%$'\n'*}"

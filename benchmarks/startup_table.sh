@@ -11,9 +11,9 @@ for model in "Qwen/Qwen3-32B --num_layers 8" "Qwen/Qwen3-8B"; do
   for variant in "fsdp_dtensor --meta_init true" "fsdp_dtensor --meta_init false" "autotp"; do
     i=$((i + 1))
     # shellcheck disable=SC2086
-    python3 -m tp_bench.selfcheck startup --model_name $model --impl $variant \
+    python3 -m tp_bench selfcheck startup --model_name $model --impl $variant \
       --out "$out/startup_$i.json" > "$logs/$i.log" 2>&1 \
       || { echo "FAILED: $model $variant"; tail -5 "$logs/$i.log"; }
   done
 done
-python3 -m tp_bench.selfcheck table "$out"/startup_*.json | tee "$out/table.md"
+python3 -m tp_bench selfcheck table "$out"/startup_*.json | tee "$out/table.md"

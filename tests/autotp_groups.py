@@ -5,14 +5,13 @@ import sys
 
 import torch.distributed as dist
 
-from tp_bench import distributed, runner
-from tp_bench.cli import _Parser, add_config_arguments, config_from_args
+from tp_bench.core import dist as distributed
+from tp_bench.engine.session import prepare
+from tp_bench.frontends.arguments import parse_config
 
-parser = _Parser()
-add_config_arguments(parser)
-cfg = config_from_args(parser.parse_args(sys.argv[1:]))
+cfg = parse_config(sys.argv[1:])
 ctx = distributed.setup()
-session = runner.prepare(cfg, ctx)
+session = prepare(cfg, ctx)
 session.setup()
 from deepspeed.utils import groups  # noqa: E402  (imported by the strategy above)
 

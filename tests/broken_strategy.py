@@ -2,6 +2,6 @@
 registers a strategy "broken" whose module fails to import, as a strategy with a missing
 dependency would."""
 
-from tp_bench.parallel import factory
+from tp_bench.strategies import registry
 
-factory._STRATEGY_MODULES["broken"] = "broken_strategy_module"
+registry.register("broken", "broken_strategy_module")

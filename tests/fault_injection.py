@@ -8,21 +8,22 @@ import os
 
 import torch
 
-from tp_bench import runner
-from tp_bench.cli import entry
+from tp_bench.engine.driver import StepDriver
+from tp_bench.frontends.cli import entry
 
 kind, *where = os.environ["TP_BENCH_TEST_FAULT"].split(":")
-original = runner.Session.train_step
+original = StepDriver.step
 
 
-def faulty_train_step(self, step):
-    if kind == "raise" and self.ctx.rank == int(where[0]) and step == int(where[1]):
+def faulty_step(self, *args, **kwargs):
+    step = self.step_index
+    if kind == "raise" and int(os.environ["RANK"]) == int(where[0]) and step == int(where[1]):
         raise RuntimeError(f"injected failure at step {step}")
-    pending = original(self, step)
+    pending = original(self, *args, **kwargs)
     if kind == "nan" and step >= int(where[0]):
         pending.loss = pending.loss * torch.tensor(float("nan"))
     return pending
 
 
-runner.Session.train_step = faulty_train_step
+StepDriver.step = faulty_step
 entry()

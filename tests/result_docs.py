@@ -2,7 +2,7 @@
 
 import json
 
-from tp_bench import results
+from tp_bench.core import results
 
 PRECISION = {"param_dtype": "float32", "master_weights": "float32",
              "optimizer_state_dtype": "float32", "compute_dtype": "bfloat16",

@@ -10,21 +10,21 @@ the step's own work would make it.
 import os
 import time
 
-from tp_bench import runner
-from tp_bench.cli import entry
+from tp_bench.engine.driver import StepDriver
+from tp_bench.frontends.cli import entry
 
 fraction = float(os.environ["TP_BENCH_TEST_SLOWDOWN"])
-original = runner.Session.train_step
+original = StepDriver.step
 
 
-def slow_train_step(self, step):
+def slow_step(self, *args, **kwargs):
     start = time.perf_counter()
-    pending = original(self, step)
-    # On CPU the step has finished when train_step returns; on a GPU this would only measure
-    # the launch time, which is why this is a CPU test hook.
+    pending = original(self, *args, **kwargs)
+    # On CPU the step has finished when it returns; on a GPU this would only measure the launch
+    # time, which is why this is a CPU test hook.
     time.sleep(fraction * (time.perf_counter() - start))
     return pending
 
 
-runner.Session.train_step = slow_train_step
+StepDriver.step = slow_step
 entry()

@@ -25,15 +25,15 @@ def pytest_runtest_call(item):
         raise RuntimeError(f"injected failure before {item.name}")
     restore = None
     if hit and kind == "slow":
-        strategy = item.funcargs["tp_bench_steps"].session.strategy
-        step = strategy.step
+        trainer = item.funcargs["tp_bench_steps"].trainer
+        step = trainer.step
 
         def slow_step():
-            norm = step()
+            stats = step()
             time.sleep(float(arg))
-            return norm
+            return stats
 
-        strategy.step, restore = slow_step, lambda: setattr(strategy, "step", step)
+        trainer.step, restore = slow_step, lambda: setattr(trainer, "step", step)
     try:
         result = yield
     finally:

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import SLOWDOWN, concurrently
 from launch import python
-from tp_bench import ci_gate
-from tp_bench.ci_gate import GateInputError, Sample, gate, judge
+from tp_bench.analysis import gate as ci_gate
+from tp_bench.analysis.gate import GateInputError, Sample, gate, judge
 
 CPU_THRESHOLD = "25"   # percent; this shared 2-core machine needs far more than a GPU's 5
 
@@ -129,7 +129,7 @@ def test_bad_input_exits_2(tmp_path, capsys, content, message):
 
 # ---------------------------------------------------------------------- end to end on CPU
 def gate_cli(*args):
-    return python("-m", "tp_bench.ci_gate", *map(str, args), "--threshold", CPU_THRESHOLD,
+    return python("-m", "tp_bench", "gate", *map(str, args), "--threshold", CPU_THRESHOLD,
                   timeout=60)
 
 

@@ -2,23 +2,25 @@
 
 import pytest
 
-from launch import python, torchrun
-from tp_bench.cli import add_config_arguments, config_from_args, _Parser
-from tp_bench.config import BenchConfig, ConfigError
-from tp_bench.models import get_model_builder
-from tp_bench.runner import prepare
-from tp_bench.distributed import DistContext
 import torch
+
+from launch import python, torchrun
+from tp_bench.core.config import BenchConfig
+from tp_bench.core.dist import DistContext
+from tp_bench.core.errors import ConfigError
+from tp_bench.engine.session import prepare
+from tp_bench.frontends.arguments import parse_config
+from tp_bench.models import get_model_builder
+from tp_bench.strategies import registry
 
 
 def parse(*argv):
-    parser = _Parser()
-    add_config_arguments(parser)
-    return config_from_args(parser.parse_args(list(argv)))
+    return parse_config(argv)
 
 
 def test_seed_defaults():
-    cfg = parse()
+    # The seed's defaults, as the default impl (autotp) resolves them.
+    cfg = registry.resolve(parse())
     assert (cfg.model_name, cfg.num_layers, cfg.attn_impl) == ("Qwen/Qwen3-32B", 0, "sdpa")
     assert (cfg.impl, cfg.tp_size, cfg.dp_size, cfg.zero_stage) == ("autotp", None, 1, 1)
     assert cfg.use_vocab_parallel is True
@@ -46,7 +48,7 @@ def test_tp_auto_is_world_over_dp():
 @pytest.mark.parametrize("kwargs, world, message", [
     (dict(dp_size=2, tp_size=2), 8, "dp_size * tp_size must equal the world size"),
     (dict(dp_size=3), 8, "not divisible by --dp_size 3"),
-    (dict(zero_stage=3), 1, "unknown --zero_stage 3"),
+    (dict(zero_stage=5), 1, "unknown --zero_stage 5"),
     (dict(impl="megatron"), 1, "unknown --impl 'megatron'"),
     (dict(dtype="int8"), 1, "unknown --dtype 'int8'"),
     (dict(attn_impl="flash"), 1, "unknown --attn_impl 'flash'"),
@@ -56,7 +58,7 @@ def test_tp_auto_is_world_over_dp():
 def test_validation_errors(kwargs, world, message):
     kwargs = {"impl": "fsdp_dtensor", **kwargs}
     with pytest.raises(ConfigError, match=message.replace("*", r"\*").replace("(", r"\(")):
-        BenchConfig(**kwargs).validate(world)
+        registry.resolve(BenchConfig(**kwargs).validate(world))
 
 
 def test_argparse_errors_are_config_errors():
@@ -84,11 +86,20 @@ def test_unknown_model():
         get_model_builder("no-such-model")
 
 
+def test_impl_options_resolve_to_the_impl_default_or_are_refused():
+    assert registry.resolve(BenchConfig(impl="fsdp_dtensor")).sequence_parallel is True
+    assert registry.resolve(BenchConfig(impl="fsdp_dtensor")).zero_stage is None
+    assert registry.resolve(BenchConfig(impl="autotp")).sequence_parallel is None
+    assert registry.resolve(BenchConfig(impl="autotp", zero_stage=2)).zero_stage == 2
+    with pytest.raises(ConfigError, match="--sequence_parallel does not apply to --impl autotp"):
+        registry.resolve(BenchConfig(impl="autotp", sequence_parallel=True))
+
+
 def test_cli_error_is_one_line_and_exit_2():
-    proc = python("benchmark.py", "--impl", "fsdp_dtensor", "--zero_stage", "3",
+    proc = python("benchmark.py", "--impl", "fsdp_dtensor", "--zero_stage", "2",
                   "--model_name", "tiny")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("tp_bench: error: unknown --zero_stage 3; choose from 0, 1, 2")
+    assert proc.stderr.strip() == "tp_bench: error: --zero_stage does not apply to --impl fsdp_dtensor"
 
 
 def test_cli_error_printed_once_under_torchrun_every_rank_fails():

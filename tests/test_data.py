@@ -2,7 +2,7 @@
 
 import torch
 
-from tp_bench.data import SyntheticData
+from tp_bench.core.data import SyntheticData
 
 
 def test_deterministic_and_distinct():

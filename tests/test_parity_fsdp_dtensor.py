@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launch import torchrun
-from tp_bench.parity import Tolerances, Trace, compare
+from tp_bench.engine.parity import Tolerances, Trace, compare
 
 COMMON = ["-m", "tp_bench", "parity", "--impl", "fsdp_dtensor", "--seq_length", "64",
           "--batch_size", "2", "--dtype", "float32", "--learning_rate", "1e-3"]

@@ -6,8 +6,9 @@ import sys
 import pytest
 
 from result_docs import make_doc, write
-from tp_bench import cli, plots, report
-from tp_bench.config import ConfigError
+from tp_bench.analysis import compare as report, plots
+from tp_bench.frontends import cli
+from tp_bench.core.errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

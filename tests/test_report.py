@@ -6,7 +6,8 @@ import pytest
 
 from launch import python
 from result_docs import make_doc, write
-from tp_bench import cli, report
+from tp_bench.analysis import compare as report
+from tp_bench.frontends import cli
 
 
 def test_ratios_to_the_first_run(tmp_path):

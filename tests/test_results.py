@@ -6,7 +6,7 @@ import math
 import pytest
 
 from launch import python
-from tp_bench import results
+from tp_bench.core import results
 
 SEED_STEP_KEYS = {"step": int, "loss": float, "step_time_s": float, "forward_time_s": float,
                   "backward_time_s": float, "optimizer_time_s": float, "tokens_per_sec": float,

@@ -3,8 +3,8 @@
 import json
 
 from launch import python
-from tp_bench.metrics import process_age_s
-from tp_bench.profiling import kernel_breakdown
+from tp_bench.core.metrics import process_age_s
+from tp_bench.engine.profiling import kernel_breakdown
 
 
 def kernel(name, ts, dur):
@@ -35,18 +35,18 @@ def test_process_age_is_positive():
 def test_overhead_and_startup_reports(tmp_path):
     base = ["--impl", "fsdp_dtensor", "--model_name", "tiny", "--num_layers", "2",
             "--seq_length", "32", "--batch_size", "1", "--warmup_steps", "1"]
-    proc = python("-m", "tp_bench.selfcheck", "overhead", *base, "--rounds", "2",
+    proc = python("-m", "tp_bench", "selfcheck", "overhead", *base, "--rounds", "2",
                   "--steps_per_round", "2", "--out", str(tmp_path / "o.json"))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((tmp_path / "o.json").read_text())
     assert set(doc["modes"]) == {"none", "events", "sync"}
     assert doc["modes"]["none"]["throughput_vs_none"] == 1.0
     assert all(len(m["step_ms_per_round"]) == 2 for m in doc["modes"].values())
-    proc = python("-m", "tp_bench.selfcheck", "startup", *base, "--out", str(tmp_path / "s.json"))
+    proc = python("-m", "tp_bench", "selfcheck", "startup", *base, "--out", str(tmp_path / "s.json"))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((tmp_path / "s.json").read_text())
     assert doc["launch_to_first_step_s"] > doc["setup_time_s"] > 0
-    table = python("-m", "tp_bench.selfcheck", "table", str(tmp_path / "o.json"),
+    table = python("-m", "tp_bench", "selfcheck", "table", str(tmp_path / "o.json"),
                    str(tmp_path / "s.json")).stdout
     assert "| tiny | fsdp_dtensor eager | events |" in table
     assert "fsdp_dtensor meta init" in table

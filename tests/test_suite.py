@@ -11,7 +11,7 @@ import sys
 import time
 
 from launch import REPO, python, torchrun
-from tp_bench.suite import PHASES
+from tp_bench.frontends.suite import PHASES
 
 TESTS = str(REPO / "tests")
 # the fault-injection and broken-strategy plugins (-p) live beside this file
@@ -30,17 +30,17 @@ def test_parametrization_meshes_and_markers():
     proc, ids = collect("-p", "broken_strategy", "--strict-markers", world_size=4)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     params = {i.split("[")[1].rstrip("]") for i in ids}
-    assert {"fsdp_dtensor-dp1-tp4", "fsdp_dtensor-dp2-tp2", "fsdp_dtensor-dp4-tp1",
-            "broken-dp2-tp2"} <= params
+    assert {"fsdp_dtensor-dp1xtp4", "fsdp_dtensor-dp2xtp2", "fsdp_dtensor-dp4xtp1",
+            "broken-dp2xtp2"} <= params
     assert {i.split("[")[0] for i in ids} == {"test_parity", *(f"test_{p}" for p in PHASES)}
 
     _, ids = collect("-m", "fsdp_dtensor and tp2", world_size=4)
-    assert sorted(ids) == sorted([f"test_{p}[fsdp_dtensor-dp2-tp2]" for p in PHASES]
-                                 + ["test_parity[fsdp_dtensor-dp2-tp2]"])
+    assert sorted(ids) == sorted([f"test_{p}[fsdp_dtensor-dp2xtp2]" for p in PHASES]
+                                 + ["test_parity[fsdp_dtensor-dp2xtp2]"])
     _, ids = collect("-m", "fsdp_dtensor and dp4 and not parity", world_size=4)
-    assert sorted(ids) == sorted(f"test_{p}[fsdp_dtensor-dp4-tp1]" for p in PHASES)
+    assert sorted(ids) == sorted(f"test_{p}[fsdp_dtensor-dp4xtp1]" for p in PHASES)
     _, ids = collect("-m", "fsdp_dtensor", "--tp-bench-mesh", "1x4,4x1", world_size=4)
-    assert {i.split("[")[1] for i in ids} == {"fsdp_dtensor-dp1-tp4]", "fsdp_dtensor-dp4-tp1]"}
+    assert {i.split("[")[1] for i in ids} == {"fsdp_dtensor-dp1xtp4]", "fsdp_dtensor-dp4xtp1]"}
     _, ids = collect("-m", "fsdp_dtensor and gpu", world_size=4)   # no GPU here
     assert ids == []
 
@@ -66,7 +66,7 @@ def test_torchrun_suite_writes_one_json_that_compare_reads(tmp_path):
                     f"--benchmark-json={out}", "--benchmark-autosave",
                     f"--benchmark-storage=file://{storage}", timeout=300,
                     env={**ENV,
-                         "TP_BENCH_SUITE_FAULT": "slow:1:optimizer[fsdp_dtensor-dp1-tp2]:0.4"})
+                         "TP_BENCH_SUITE_FAULT": "slow:1:optimizer[fsdp_dtensor-dp1xtp2]:0.4"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # rank 0 alone reports and writes
     assert proc.stdout.count("10 passed") == 1
@@ -76,7 +76,7 @@ def test_torchrun_suite_writes_one_json_that_compare_reads(tmp_path):
     doc = json.loads(out.read_text())
     entries = {b["name"]: b for b in doc["benchmarks"]}
     assert set(entries) == {f"test_{p}[fsdp_dtensor-{m}]" for p in PHASES
-                            for m in ("dp1-tp2", "dp2-tp1")}
+                            for m in ("dp1xtp2", "dp2xtp1")}
     for name, entry in entries.items():
         info, mesh = entry["extra_info"], name.split("-", 1)[1].rstrip("]")
         assert entry["group"] == f"tiny L2 seq64 bs2 bfloat16 {mesh}"
@@ -89,15 +89,15 @@ def test_torchrun_suite_writes_one_json_that_compare_reads(tmp_path):
         assert info["precision"]["compute_dtype"] == "bfloat16"
         assert info["config"]["seq_length"] == 64 and info["config"]["dp_size"] * \
             info["config"]["tp_size"] == 2
-    assert entries["test_optimizer[fsdp_dtensor-dp1-tp2]"]["stats"]["min"] >= 0.4
-    assert entries["test_optimizer[fsdp_dtensor-dp2-tp1]"]["stats"]["max"] < 0.4
+    assert entries["test_optimizer[fsdp_dtensor-dp1xtp2]"]["stats"]["min"] >= 0.4
+    assert entries["test_optimizer[fsdp_dtensor-dp2xtp1]"]["stats"]["max"] < 0.4
     assert doc["machine_info"]["tp_bench"]["world_size"] == 2
 
     compare = subprocess.run([sys.executable, "-m", "pytest_benchmark", "compare", str(out),
                               "--columns=min,median,rounds"], capture_output=True, text=True,
                              timeout=60)
     assert compare.returncode == 0, compare.stderr
-    for mesh in ("dp1-tp2", "dp2-tp1"):
+    for mesh in ("dp1xtp2", "dp2xtp1"):
         assert f"benchmark 'tiny L2 seq64 bs2 bfloat16 {mesh}': 4 tests" in compare.stdout
         for phase in PHASES:
             assert f"test_{phase}[fsdp_dtensor-{mesh}]" in compare.stdout
@@ -123,7 +123,7 @@ def test_failure_on_one_rank_mid_step_stops_every_rank_and_keeps_passed_results(
     """Rank 1 fails before the test body: rank 0 waits for it in the first collective until the
     grace period ends, then the session stops on both ranks."""
     out = tmp_path / "out.json"
-    fault = "raise:1:backward[fsdp_dtensor-dp1-tp2]:before"
+    fault = "raise:1:backward[fsdp_dtensor-dp1xtp2]:before"
     start = time.monotonic()
     # one mesh, so the tests that ran before the failure do not depend on collection order
     proc = torchrun(2, "-m", "pytest", "-p", "suite_fault", "tests_bench", *SUBSET,
@@ -134,14 +134,14 @@ def test_failure_on_one_rank_mid_step_stops_every_rank_and_keeps_passed_results(
     assert proc.returncode != 0
     assert proc.stderr.count(
         "tp_bench: error: rank 0: did not finish call of "
-        "tests_bench/test_training_step.py::test_backward[fsdp_dtensor-dp1-tp2] within 5 s after "
+        "tests_bench/test_training_step.py::test_backward[fsdp_dtensor-dp1xtp2] within 5 s after "
         "rank 1 failed it (RuntimeError: injected failure before "
-        "test_backward[fsdp_dtensor-dp1-tp2])") == 1
+        "test_backward[fsdp_dtensor-dp1xtp2])") == 1
     # torchrun lists both workers as failed (whichever exits last may show its SIGTERM)
     assert "rank      : 0" in proc.stderr and "rank      : 1" in proc.stderr
     assert "exitcode  : 0" not in proc.stderr
     doc = json.loads(out.read_text())
-    assert [b["name"] for b in doc["benchmarks"]] == ["test_forward[fsdp_dtensor-dp1-tp2]"]
+    assert [b["name"] for b in doc["benchmarks"]] == ["test_forward[fsdp_dtensor-dp1xtp2]"]
 
 
 def test_failure_on_one_rank_after_the_step_fails_everywhere_and_the_session_goes_on(tmp_path):
@@ -153,11 +153,11 @@ def test_failure_on_one_rank_after_the_step_fails_everywhere_and_the_session_goe
                     # generous: no rank is stuck here, so the grace period is never waited out
                     "--tp-bench-failure-grace", "60", f"--benchmark-json={out}", timeout=240, env={
                         **ENV, "TP_BENCH_SUITE_EXIT_DIR": str(exits),
-                        "TP_BENCH_SUITE_FAULT": "raise:1:backward[fsdp_dtensor-dp1-tp2]:after"})
+                        "TP_BENCH_SUITE_FAULT": "raise:1:backward[fsdp_dtensor-dp1xtp2]:after"})
     assert proc.returncode != 0
     assert _exit_statuses(exits) == {"rank0": 1, "rank1": 1}
     assert proc.stdout.count("1 failed, 7 passed") == 1
     assert "call failed on another rank:\nfailed on rank 1:" in proc.stdout
-    assert "RuntimeError: injected failure after test_backward[fsdp_dtensor-dp1-tp2]" in proc.stdout
+    assert "RuntimeError: injected failure after test_backward[fsdp_dtensor-dp1xtp2]" in proc.stdout
     names = {b["name"] for b in json.loads(out.read_text())["benchmarks"]}
-    assert len(names) == 7 and "test_backward[fsdp_dtensor-dp1-tp2]" not in names
+    assert len(names) == 7 and "test_backward[fsdp_dtensor-dp1xtp2]" not in names

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tp_bench.parallel.vocab_parallel import (VocabParallelEmbedding, VocabParallelLMHead,
+from tp_bench.strategies.vocab_parallel import (VocabParallelEmbedding, VocabParallelLMHead,
                                               vocab_parallel_causal_cross_entropy,
                                               vocab_parallel_cross_entropy, vocab_range)
 

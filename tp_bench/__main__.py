@@ -1,3 +1,3 @@
-from tp_bench.cli import entry
+from tp_bench.frontends.cli import entry
 
 entry()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tp_bench.models.resolve import load_hf_config
+from tp_bench.models.tp_plan import TPPlan, root_plan
 
 # Wrapper prefixes that activation checkpointing, torch.compile and FSDP1 put into parameter
 # names; stripped so a parameter's init seed does not depend on how it was wrapped.
@@ -84,7 +85,17 @@ def _write_full_value(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 class BaseModelBuilder(ABC):
-    """Builds one model family. Subclasses register with ``@register_model("<model_type>")``."""
+    """Builds one model family. Subclasses register with ``@register_model("<model_type>")``.
+
+    Where the layers, the embedding, the final norm and the lm_head live is data (module paths),
+    and so is the TP plan (``tp_plan``): a family whose layout differs overrides the paths and
+    ``get_tp_mapping``; the rest follows.
+    """
+
+    layers_path = "model.layers"
+    embedding_path = "model.embed_tokens"
+    final_norm_path = "model.norm"
+    lm_head_path = "lm_head"
 
     def __init__(self, model_name: str):
         self.model_name = model_name
@@ -104,36 +115,39 @@ class BaseModelBuilder(ABC):
     def get_tp_mapping(self) -> dict[str, Any]:
         """DTensor ParallelStyle per submodule of one transformer layer."""
 
-    @abstractmethod
     def get_transformer_layers(self, model: nn.Module) -> nn.ModuleList:
-        """The transformer layers module list."""
+        return model.get_submodule(self.layers_path)
 
-    @abstractmethod
     def get_embedding_module(self, model: nn.Module) -> nn.Module:
-        """The input token embedding."""
+        return model.get_submodule(self.embedding_path)
 
-    @abstractmethod
     def replace_embedding_module(self, model: nn.Module, new_embedding: nn.Module) -> None:
-        """Swap the input embedding (e.g. for a VocabParallelEmbedding)."""
+        _set_submodule(model, self.embedding_path, new_embedding)
 
     # ------------------------------------------------------------------ additions
-    @abstractmethod
     def get_lm_head(self, model: nn.Module) -> nn.Module:
-        """The output projection to the vocabulary."""
+        return model.get_submodule(self.lm_head_path)
 
-    @abstractmethod
     def replace_lm_head(self, model: nn.Module, new_lm_head: nn.Module) -> None:
-        """Swap the output projection (e.g. for a vocabulary-parallel one)."""
+        _set_submodule(model, self.lm_head_path, new_lm_head)
 
-    @abstractmethod
     def get_final_norm(self, model: nn.Module) -> nn.Module:
-        """The norm applied to the last layer's output, before the lm_head."""
+        return model.get_submodule(self.final_norm_path)
 
     def get_sequence_parallel_mapping(self) -> dict[str, Any]:
         """Entries that turn ``get_tp_mapping()`` into a sequence-parallel layer plan: the
         residual stream stays sharded on the sequence dim between the blocks (norms
         SequenceParallel, blocks gather it, row-parallel outputs reduce-scatter back)."""
         raise NotImplementedError(f"{type(self).__name__} has no sequence-parallel plan")
+
+    def tp_plan(self, vocab_parallel: bool, sequence_parallel: bool) -> TPPlan:
+        """The DTensor TP plan of this family, as data (see models.tp_plan)."""
+        layer = dict(self.get_tp_mapping())
+        if sequence_parallel:
+            layer.update(self.get_sequence_parallel_mapping())
+        root = root_plan(self.embedding_path, self.final_norm_path, self.lm_head_path,
+                         vocab_parallel, sequence_parallel)
+        return TPPlan(root=root, layer=layer, layers_path=self.layers_path)
 
     def hf_config_for(self, num_layers: int = 0, attn_impl: str = "sdpa"):
         """A copy of the HF config with the depth override and attention backend applied."""
@@ -225,3 +239,23 @@ class BaseModelBuilder(ABC):
                 parent_name, _, child = module_name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, child, fresh)
+
+    def materialize(self, model: nn.Module, device: torch.device, seed: int) -> None:
+        """Give a meta-built (possibly sharded) model real storage on ``device`` and its
+        initial values; each rank fills only its own shards.
+
+        ``to_empty`` gives every module its own new parameter, so a model with tied embeddings
+        would come out with an lm_head that no longer shares the embedding's weight (a
+        different, larger model, silently): tie them again first.
+        """
+        embedding, lm_head = self.get_embedding_module(model), self.get_lm_head(model)
+        tied = embedding.weight is lm_head.weight
+        model.to_empty(device=device)
+        if tied and lm_head.weight is not embedding.weight:
+            lm_head.weight = embedding.weight
+        self.init_weights(model, seed)
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)

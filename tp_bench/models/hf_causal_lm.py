@@ -1,5 +1,5 @@
 """Shared builder for HuggingFace decoder-only models laid out as model.layers / embed_tokens /
-lm_head with Llama-style attention and MLP projections (Llama, Qwen2, Qwen3, ...)."""
+norm / lm_head with Llama-style attention and MLP projections (Llama, Qwen2, Qwen3, ...)."""
 
 from __future__ import annotations
 
@@ -50,21 +50,3 @@ class HFCausalLMBuilder(BaseModelBuilder):
             "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         }
-
-    def get_transformer_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
-
-    def get_embedding_module(self, model: nn.Module) -> nn.Module:
-        return model.model.embed_tokens
-
-    def replace_embedding_module(self, model: nn.Module, new_embedding: nn.Module) -> None:
-        model.model.embed_tokens = new_embedding
-
-    def get_lm_head(self, model: nn.Module) -> nn.Module:
-        return model.lm_head
-
-    def replace_lm_head(self, model: nn.Module, new_lm_head: nn.Module) -> None:
-        model.lm_head = new_lm_head
-
-    def get_final_norm(self, model: nn.Module) -> nn.Module:
-        return model.model.norm

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
-from tp_bench.config import ConfigError
+from tp_bench.core.errors import ConfigError
 
 _BUILDERS: dict[str, type] = {}
 T = TypeVar("T", bound=type)

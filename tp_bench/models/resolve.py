@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tp_bench.config import ConfigError
+from tp_bench.core.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 

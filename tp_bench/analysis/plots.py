@@ -11,9 +11,9 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
-from tp_bench.config import ConfigError
-from tp_bench.report import Comparison, Run
-from tp_bench.results import quantile
+from tp_bench.core.errors import ConfigError
+from tp_bench.analysis.compare import Comparison, Run
+from tp_bench.core.stats import quantile
 
 _PHASES = (("forward", "#4c72b0"), ("backward", "#dd8452"), ("optimizer", "#55a868"),
            ("other", "#b0b0b0"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from tp_bench.config import ConfigError
+from tp_bench.core.errors import ConfigError
 
 # Config keys every run label already shows (or that say nothing about the run).
 _LABEL_KEYS = {"impl", "tp_size", "dp_size", "output_dir"}
@@ -75,7 +75,7 @@ def load_run(path: Path, index: int) -> Run:
         raise ConfigError(f"{path}: cannot read results ({exc})") from None
     if isinstance(doc, dict) and "benchmarks" in doc:
         raise ConfigError(f"{path}: a pytest-benchmark file, not tp_bench results; gate it with "
-                          f"`python -m tp_bench.ci_gate`")
+                          f"`tp-bench gate`")
     if not isinstance(doc, dict) or not {"config", "steps", "summary"} <= doc.keys():
         raise ConfigError(f"{path}: not a tp_bench results file (needs config, steps, summary)")
     return Run(index, path, doc)

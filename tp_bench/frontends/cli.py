@@ -7,97 +7,35 @@ once (by rank 0) and every rank exits with status 2.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from tp_bench.config import BenchConfig, ConfigError
-from tp_bench.distributed import env_rank
+from tp_bench.core.dist import env_rank, from_rank0
+from tp_bench.core.errors import ConfigError
+from tp_bench.frontends.arguments import ArgumentParser, config_from_args, config_parser
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing, so only rank 0 reports the error."""
-
-    def error(self, message: str):
-        raise ConfigError(message)
-
-    def print_help(self, file=None):
-        if env_rank() == 0:
-            super().print_help(file)
-
-
-def parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _optional_int(text: str) -> Optional[int]:
-    return None if text.lower() in ("auto", "none") else int(text)
-
-
-def _optional_float(text: str) -> Optional[float]:
-    return None if text.lower() in ("auto", "none") else float(text)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per BenchConfig field, grouped as the seed's tables."""
-    from tp_bench.parallel.factory import available_strategies
-
-    groups: dict[str, Any] = {}
-    for f in BenchConfig.option_fields():
-        meta = f.metadata
-        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        choices = meta["choices"] or (tuple(available_strategies()) if f.name == "impl" else None)
-        help_text = meta["help"]
-        if choices:
-            help_text += f" ({', '.join(map(str, choices))})"
-        default_text = "auto" if f.default is None else str(f.default).lower() \
-            if isinstance(f.default, bool) else str(f.default)
-        help_text += f" [default: {default_text}]"
-        flag = f"--{f.name}"
-        if f.type in ("bool", bool):
-            # `--autocast` and `--autocast true|false` both work.
-            group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=f.default,
-                               metavar="BOOL", help=help_text)
-            if f.name == "use_vocab_parallel":
-                group.add_argument("--no_vocab_parallel", dest="use_vocab_parallel",
-                                   action="store_false",
-                                   help="Disable vocabulary-parallel embeddings (AutoTP only)")
-            continue
-        kind = {"int": int, "float": float, "str": str, "Optional[int]": _optional_int,
-                "Optional[float]": _optional_float}[str(f.type)]
-        group.add_argument(flag, type=kind, default=f.default, help=help_text,
-                           metavar=meta["metavar"] or f.name.upper())
-
-
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    names = {f.name for f in dataclasses.fields(BenchConfig)}
-    return BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+QUICK_TRY = ("torchrun --nproc_per_node=2 benchmark.py --impl fsdp_dtensor --model_name tiny "
+             "--seq_length 256 --num_training_steps 30")
 
 
 # ---------------------------------------------------------------------- subcommands
 def cmd_run(argv: Sequence[str]) -> int:
-    parser = _Parser(prog="benchmark.py", description="Benchmark one tensor-parallel training "
-                     "configuration (launch with torchrun for several ranks). Other commands: "
-                     f"tp-bench {{{','.join(c for c in SUBCOMMANDS if c != 'run')}}} --help.")
-    add_config_arguments(parser)
+    parser = config_parser("benchmark.py", "Benchmark one tensor-parallel training "
+                           "configuration (launch with torchrun for several ranks). Other "
+                           "commands: tp-bench {" + ",".join(c for c in SUBCOMMANDS if c != "run")
+                           + "} --help.")
     cfg = config_from_args(parser.parse_args(argv))
-    from tp_bench import runner
+    from tp_bench.core import dist
+    from tp_bench.engine import run
 
-    runner.run(cfg)
-    from tp_bench import distributed
-
-    distributed.teardown()
+    run.run(cfg)
+    dist.teardown()
     return 0
 
 
 def cmd_models(argv: Sequence[str]) -> int:
-    parser = _Parser(prog="tp-bench models", description="List the shipped model presets.")
+    parser = ArgumentParser(prog="tp-bench models", description="List the shipped model presets.")
     parser.parse_args(argv)
     from tp_bench.models import get_model_builder
     from tp_bench.models.resolve import list_presets
@@ -114,10 +52,9 @@ def cmd_models(argv: Sequence[str]) -> int:
 
 
 def cmd_parity(argv: Sequence[str]) -> int:
-    parser = _Parser(prog="tp-bench parity", description="Train a few steps with one strategy "
-                     "and compare losses, grad norms and step-0 gradients with a single-process "
-                     "reference (rank 0). Exit status 1 when a tolerance is exceeded.")
-    add_config_arguments(parser)
+    parser = config_parser("tp-bench parity", "Train a few steps with one strategy and compare "
+                           "losses, grad norms and step-0 gradients with a single-process "
+                           "reference (rank 0). Exit status 1 when a tolerance is exceeded.")
     checks = parser.add_argument_group("Parity")
     checks.add_argument("--parity_steps", type=int, default=5, help="Steps to compare [5]")
     checks.add_argument("--no_grads", action="store_true",
@@ -130,10 +67,12 @@ def cmd_parity(argv: Sequence[str]) -> int:
     checks.add_argument("--report", help="Write the report as JSON to this path (rank 0)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    from tp_bench import distributed, parity, results, runner
+    from tp_bench.core import dist, results
+    from tp_bench.engine import parity
+    from tp_bench.engine.session import prepare
 
-    ctx = distributed.setup()
-    session = runner.prepare(cfg, ctx)
+    ctx = dist.setup()
+    session = prepare(cfg, ctx)
     session.setup()
     report = parity.check(session, args.parity_steps, capture_grads=not args.no_grads)
     ok = True
@@ -146,13 +85,13 @@ def cmd_parity(argv: Sequence[str]) -> int:
             results.write_json_atomic(args.report, {**report.to_dict(), "ok": ok,
                                                     "tolerances": dataclasses.asdict(tolerances),
                                                     "config": session.cfg.to_dict()})
-    verdict = torch_broadcast_flag(ok)
-    distributed.teardown()
+    verdict = from_rank0(ok)   # every rank exits with rank 0's status
+    dist.teardown()
     return 0 if verdict else 1
 
 
 def cmd_compare(argv: Sequence[str]) -> int:
-    parser = _Parser(prog="tp-bench compare", description="Compare results files side by side: "
+    parser = ArgumentParser(prog="tp-bench compare", description="Compare results files side by side: "
                      "one row per run, ratios to the first run (or --baseline). Runs with a "
                      "different model, sequence length, precision policy or device type are "
                      "flagged as not comparable instead of ranked.")
@@ -165,35 +104,30 @@ def cmd_compare(argv: Sequence[str]) -> int:
     parser.add_argument("--plot", metavar="DIR",
                         help="also write PNG charts to DIR (needs matplotlib)")
     args = parser.parse_args(argv)
-    from tp_bench import report
+    from tp_bench.analysis import compare
 
-    comparison = report.compare(args.files, args.baseline)
+    comparison = compare.compare(args.files, args.baseline)
     written = []
     if args.plot:
-        from tp_bench import plots
+        from tp_bench.analysis import plots
 
         written = plots.write_plots(comparison, args.plot)
-    sys.stdout.write(report.FORMATS[args.format](comparison))
+    sys.stdout.write(compare.FORMATS[args.format](comparison))
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
 def cmd_gate(argv: Sequence[str]) -> int:
-    from tp_bench import ci_gate
+    from tp_bench.analysis import gate
 
-    return ci_gate.main(argv, prog="tp-bench gate")
+    return gate.main(argv, prog="tp-bench gate")
 
 
-def torch_broadcast_flag(flag: bool) -> bool:
-    """Rank 0's verdict, on every rank (so every rank exits with the same status)."""
-    import torch.distributed as dist
+def cmd_selfcheck(argv: Sequence[str]) -> int:
+    from tp_bench.frontends import selfcheck
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    box = [flag]
-    dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    return selfcheck.main(argv)
 
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -202,6 +136,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "parity": cmd_parity,
     "compare": cmd_compare,
     "gate": cmd_gate,
+    "selfcheck": cmd_selfcheck,
 }
 
 
@@ -215,7 +150,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return command(argv)
     except ConfigError as exc:
         if env_rank() == 0:
-            print(f"tp_bench: error: {exc}", file=sys.stderr, flush=True)
+            hint = (f"; with no arguments tp-bench runs the seed's default (Qwen/Qwen3-32B, "
+                    f"autotp), made for GPUs: on this machine try `{QUICK_TRY}`"
+                    if not argv and command is cmd_run else "")
+            print(f"tp_bench: error: {exc}{hint}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -1,18 +1,18 @@
 """Measure the benchmark itself: what timing costs, and what start-up costs.
 
-``python -m tp_bench.selfcheck overhead [run options] --rounds 12 --steps_per_round 4``
+``tp-bench selfcheck overhead [run options] --rounds 12 --steps_per_round 4``
     Builds one strategy and model, then runs rounds of steps with each ``--timing`` mode
     (none, events, sync), the mode order rotating every round, in one process. Each block's
     throughput is its wall time with a device sync at both ends (max over ranks). The overhead
     of a mode is the median over rounds of its throughput over the same round's "none" block:
     paired within a round, so slow drifts of the GPU clock cancel.
 
-``python -m tp_bench.selfcheck startup [run options]``
+``tp-bench selfcheck startup [run options]``
     Builds the strategy (model creation, sharding, initialization, optimizer) and reports the
     time from process launch to the first step and the host / GPU peak memory so far, without
     training: e.g. ``--meta_init true`` against ``false``.
 
-``python -m tp_bench.selfcheck table FILE...``
+``tp-bench selfcheck table FILE...``
     Markdown table of overhead and startup JSON files.
 """
 
@@ -28,11 +28,13 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tp_bench import distributed, results, runner
-from tp_bench.cli import _Parser, add_config_arguments, config_from_args
-from tp_bench.config import ConfigError
-from tp_bench.metrics import PhaseTimer, resolve_phases
-from tp_bench.results import quantile
+from tp_bench.core import dist as distributed
+from tp_bench.core import results
+from tp_bench.core.errors import ConfigError
+from tp_bench.core.metrics import PhaseTimer, resolve_phases
+from tp_bench.core.stats import quantile
+from tp_bench.engine.session import Session, prepare
+from tp_bench.frontends.arguments import config_from_args, config_parser
 
 MODES = ("none", "events", "sync")
 
@@ -50,27 +52,24 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
     return t.item()
 
 
-def measure_overhead(session: runner.Session, rounds: int, steps_per_round: int,
+def measure_overhead(session: Session, rounds: int, steps_per_round: int,
                      modes: Sequence[str] = MODES) -> dict[str, Any]:
     cfg, device = session.cfg, session.ctx.device
-    step = 0
-    session.timer = PhaseTimer("none", device)
+    driver = session.driver("none", per_step_memory=False)
     for _ in range(cfg.warmup_steps):          # compile, allocator growth, cuDNN/cuBLAS picks
-        session.train_step(step)
-        step += 1
+        driver.step()
     _sync(device)
     session.memory.reset_peak()
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(rounds):
         order = list(modes[r % len(modes):]) + list(modes[:r % len(modes)])
         for mode in order:
-            session.timer = PhaseTimer(mode, device)
+            driver.timer = PhaseTimer(mode, device)
             _sync(device)
             start = time.perf_counter()
-            pending = [session.train_step(step + k) for k in range(steps_per_round)]
+            pending = [driver.step() for _ in range(steps_per_round)]
             _sync(device)
             elapsed = time.perf_counter() - start
-            step += steps_per_round
             for p in pending:   # what a log interval would read: outside the timed block
                 resolve_phases(p.stamps, None)
             seconds[mode].append(_max_over_ranks(elapsed, device) / steps_per_round)
@@ -103,18 +102,8 @@ def _paired_ratio(none: Optional[list[float]], times: list[float]) -> dict[str, 
             "vs_none_q1": quantile(ratios, 0.25), "vs_none_q3": quantile(ratios, 0.75)}
 
 
-def _base_document(session: runner.Session) -> dict[str, Any]:
-    strategy = session.strategy
-    env = results.environment(session.ctx.device, session.ctx.world_size, session.ctx.backend)
-    env.update(strategy.environment())
-    return {"config": session.cfg.to_dict(), "precision": strategy.precision_policy(),
-            "strategy": strategy.describe(), "model": session.model_config.to_dict(),
-            "environment": env}
-
-
 def _run(argv: Sequence[str], kind: str) -> int:
-    parser = _Parser(prog=f"python -m tp_bench.selfcheck {kind}")
-    add_config_arguments(parser)
+    parser = config_parser(f"tp-bench selfcheck {kind}")
     if kind == "overhead":
         parser.add_argument("--rounds", type=int, default=12)
         parser.add_argument("--steps_per_round", type=int, default=4)
@@ -124,9 +113,9 @@ def _run(argv: Sequence[str], kind: str) -> int:
     # nothing is logged per interval here; the checks need at least one measured step
     cfg.num_training_steps = max(cfg.num_training_steps, cfg.warmup_steps + 1)
     ctx = distributed.setup()
-    session = runner.prepare(cfg, ctx)
+    session = prepare(cfg, ctx)
     session.setup()
-    doc = _base_document(session)
+    doc = session.record()
     if kind == "overhead":
         doc.update(measure_overhead(session, args.rounds, args.steps_per_round))
     else:
@@ -143,7 +132,7 @@ def _label(doc: dict[str, Any]) -> str:
     c = doc["config"]
     extras = [k for k in ("compile",) if c.get(k)]
     if doc["kind"] == "startup":
-        extras.append("meta init" if c.get("meta_init") and c["impl"] == "fsdp_dtensor" else "full build")
+        extras.append("meta init" if c.get("meta_init") else "full build")
     return " ".join([c["impl"], *extras]) if extras else f"{c['impl']} eager"
 
 
@@ -199,12 +188,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         distributed.rank0_print(f"tp_bench: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    import os
-
-    os._exit(code)

@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-from tp_bench.runner import Session
+from tp_bench.core.dist import DistContext
+from tp_bench.engine.driver import StepDriver
 
 Interval = tuple[float, float]
 
@@ -79,28 +80,26 @@ def kernel_breakdown(trace: dict[str, Any]) -> Optional[dict[str, float]]:
     }
 
 
-def profile_step(session: Session, path: Path) -> Optional[dict[str, Any]]:
+def profile_step(driver: StepDriver, ctx: DistContext, path: Path) -> Optional[dict[str, Any]]:
     """Run one more training step, profiled on rank 0; return the breakdown (rank 0) or None."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    step = session.cfg.num_training_steps
-    if not session.ctx.is_rank0:
-        session.train_step(step)
+    step = driver.step_index
+    if not ctx.is_rank0:
+        driver.step()
         return None
-    activities = [ProfilerActivity.CPU]
-    if session.ctx.device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
+    cuda = ctx.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         with record_function("tp_bench.step"):
-            session.train_step(step)
-        if session.ctx.device.type == "cuda":
+            driver.step()
+        if cuda:
             torch.cuda.synchronize()
     path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(path))
     with gzip.open(path, "rt") as f:
         breakdown = kernel_breakdown(json.load(f))
     top = prof.key_averages().table(
-        sort_by="self_device_time_total" if session.ctx.device.type == "cuda" else "self_cpu_time_total",
-        row_limit=15)
+        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15)
     path.with_suffix("").with_suffix(".top.txt").write_text(top + "\n")
     return {"trace": str(path), "step": step, "breakdown": breakdown}

@@ -1,6 +1,6 @@
 """CI regression gate: fail when a benchmark got slower than its stored baseline, not on noise.
 
-    python -m tp_bench.ci_gate BASELINE FRESH [--threshold PCT] [--statistic median|min]
+    tp-bench gate BASELINE FRESH [--threshold PCT] [--statistic median|min]
 
 BASELINE and FRESH are pytest-benchmark JSON files (``--benchmark-json``, or an autosaved file)
 or tp_bench results JSON files (each measured step is a round), or directories of either.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tp_bench.results import quantile
+from tp_bench.core.stats import quantile
 
 # Config keys that do not change what one round measures: a longer run has more rounds.
 _RUN_LENGTH_KEYS = {"output_dir", "num_training_steps", "log_interval", "warmup_steps",
@@ -262,7 +262,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m tp_bench.ci_gate") -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "tp-bench gate") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         verdicts = gate(load_samples(args.baseline), load_samples(args.fresh), args.threshold,
@@ -280,6 +280,3 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m tp_bench.c
     print(f"{len(regressions)} regression(s) in {compared} benchmark(s) compared")
     return 1 if regressions else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

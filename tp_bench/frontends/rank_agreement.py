@@ -20,9 +20,10 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
-from tp_bench.distributed import DistContext, FailureGuard
+from tp_bench.core.dist import DistContext
+from tp_bench.engine.failure import FailureGuard
 
 _PREFIX = "tp_bench/suite"
 _MESSAGE_LINES = 40   # of a failure's report, carried to the other ranks
@@ -40,6 +41,20 @@ class Outcome:
     def trim(text: str) -> str:
         lines = text.rstrip().splitlines()
         return "\n".join(lines[-_MESSAGE_LINES:])
+
+
+def outcome_of(rank: int, report: Any) -> Outcome:
+    """This rank's outcome of a test phase, from pytest's report."""
+    longrepr = report.longrepr
+    if report.skipped:
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr or "")
+        return Outcome(rank, report.nodeid, "skipped", reason, reason)
+    if report.failed:
+        lines = report.longreprtext.strip().splitlines()
+        crash = getattr(getattr(longrepr, "reprcrash", None), "message", None)
+        summary = (crash or (lines[-1] if lines else "")).split("\n")[0]
+        return Outcome(rank, report.nodeid, "failed", Outcome.trim(report.longreprtext), summary)
+    return Outcome(rank, report.nodeid, "passed")
 
 
 def verdict(outcomes: list[Outcome]) -> Optional[str]:

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
-from tp_bench.config import BenchConfig
-from tp_bench.data import SyntheticData
+from tp_bench.core.config import BenchConfig
+from tp_bench.core.data import SyntheticData
+from tp_bench.core.precision import TORCH_DTYPES, compute_policy
+from tp_bench.engine.driver import dp_mean
+from tp_bench.engine.session import Session
 from tp_bench.models.base import canonical_param_name
-from tp_bench.parallel.base import compute_policy
-from tp_bench.runner import Session
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from tp_bench.strategies.base import Trainer
 
 
 @dataclass
@@ -38,7 +37,7 @@ class Trace:
 def reference_trace(cfg: BenchConfig, num_steps: int, device: torch.device,
                     capture_grads: bool = True) -> Trace:
     """Train the unsharded model in one process on the global batch, under the same compute
-    policy as the strategies (``parallel.base.compute_policy``): with "cast", forward and
+    policy as the strategies (``core.precision.compute_policy``): with "cast", forward and
     backward run on a copy of the float32 master model in the compute dtype, whose gradients
     are taken back to float32 for clipping and AdamW; with "autocast", on the float32 model
     under torch.autocast."""
@@ -54,7 +53,7 @@ def reference_trace(cfg: BenchConfig, num_steps: int, device: torch.device,
                                   weight_decay=cfg.weight_decay)
     policy = compute_policy(cfg.dtype, cfg.autocast)
     # deepcopy keeps tied weights tied; parameters() lists both models in the same order
-    work = copy.deepcopy(master).to(DTYPES[cfg.dtype]) if policy == "cast" else master
+    work = copy.deepcopy(master).to(TORCH_DTYPES[cfg.dtype]) if policy == "cast" else master
     data = SyntheticData(master.config.vocab_size, cfg.batch_size, cfg.seq_length, cfg.seed)
     ga = cfg.gradient_accumulation_steps
     trace = Trace()
@@ -62,7 +61,7 @@ def reference_trace(cfg: BenchConfig, num_steps: int, device: torch.device,
         losses = []
         for micro in range(ga):
             batch = data.global_batch(step, micro, cfg.dp_size).to(device)
-            with torch.autocast(device.type, dtype=DTYPES[cfg.dtype],
+            with torch.autocast(device.type, dtype=TORCH_DTYPES[cfg.dtype],
                                 enabled=policy == "autocast"):
                 loss = work(input_ids=batch.input_ids, labels=batch.labels, use_cache=False).loss
             (loss / ga).backward()
@@ -91,23 +90,20 @@ def reference_trace(cfg: BenchConfig, num_steps: int, device: torch.device,
 
 
 def strategy_trace(session: Session, num_steps: int, capture_grads: bool = True) -> Trace:
-    """Train with the session's strategy (already set up); every rank returns the same trace."""
-    strategy, cfg = session.strategy, session.cfg
+    """Train with the session's strategy (already set up) through the step driver; every rank
+    returns the same trace."""
     trace = Trace()
+    driver = session.driver("none")
+
+    def capture(trainer: Trainer) -> None:
+        trace.grads = {k: v.float().cpu() for k, v in (trainer.full_gradients() or {}).items()}
+
     for step in range(num_steps):
-        losses = []
-        for micro in range(cfg.gradient_accumulation_steps):
-            loss = strategy.forward(session.data.batch(step, micro, session.dp_rank))
-            strategy.backward(loss)
-            losses.append(loss.detach().float())
-        if step == 0 and capture_grads:
-            trace.grads = {k: v.float().cpu() for k, v in (strategy.full_gradients() or {}).items()}
-        norm = strategy.step()
-        loss = torch.stack(losses).mean().to(session.ctx.device)
-        if session.ctx.world_size > 1:
-            dist.all_reduce(loss)   # tp ranks hold equal losses: sum / world is the dp mean
-            loss /= session.ctx.world_size
+        pending = driver.step(capture if step == 0 and capture_grads else None)
+        loss = dp_mean(pending.loss.float().reshape(1).to(session.ctx.device),
+                       session.ctx.world_size)
         trace.losses.append(loss.item())
+        norm = pending.stats.grad_norm
         trace.grad_norms.append(None if norm is None else float(norm))
     return trace
 

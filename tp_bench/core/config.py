@@ -1,26 +1,30 @@
 """BenchConfig: every option of a run, declared once.
 
-The CLI (cli.py) and the pytest plugin build their options from these fields, so a name, a
-default or a help text lives in exactly one place. ``validate`` checks everything that can be
-checked before a model is built and raises ConfigError with a one-line, user-facing message.
+The command line and the pytest plugin are generated from these fields (frontends.arguments), so
+a name, a default or a help text lives in exactly one place. ``validate`` checks everything that
+can be checked without a model or a strategy and raises ConfigError with a one-line message.
+
+Options a stack may or may not have (``IMPL_OPTIONS``) default to None, "the impl's own
+default": each strategy declares which it takes and their values (strategies.base.Strategy
+.options), and ``strategies.registry.resolve`` fills them in, or refuses a value the impl does
+not take.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tp_bench.core.dims import ParallelDims
+from tp_bench.core.errors import ConfigError
+
 DTYPES = ("bfloat16", "float16", "float32")
 ATTN_IMPLS = ("sdpa", "flash_attention_2", "eager")
-ZERO_STAGES = (0, 1, 2)
 TIMING_MODES = ("events", "sync", "none")
 OPTIMIZER_IMPLS = ("fused", "foreach")
-
-
-class ConfigError(ValueError):
-    """A bad option or option combination; the message is shown to the user as is."""
 
 
 def _opt(default: Any, help: str, group: str, choices: tuple | None = None,
@@ -50,16 +54,19 @@ class BenchConfig:
     impl: str = _opt("autotp", "TP implementation", PARALLEL)
     tp_size: Optional[int] = _opt(None, "Tensor parallel degree (default: world_size / dp_size)",
                                   PARALLEL)
-    dp_size: int = _opt(1, "Data parallel degree (both implementations)", PARALLEL)
-    zero_stage: int = _opt(1, "DeepSpeed ZeRO stage (AutoTP only, 0-2)", PARALLEL, ZERO_STAGES)
-    use_vocab_parallel: bool = _opt(True, "Vocabulary-parallel embedding, lm_head and loss "
-                                    "(logits stay sharded over tp); --no_vocab_parallel disables",
-                                    PARALLEL)
-    sequence_parallel: bool = _opt(True, "fsdp_dtensor: keep norms and the residual stream "
-                                   "sharded on the sequence dim over tp (no effect at tp 1)",
-                                   PARALLEL)
-    fsdp_at_dp1: bool = _opt(False, "fsdp_dtensor: wrap with FSDP2 even when dp_size is 1 (it "
-                             "only adds copies there; for study)", PARALLEL)
+    dp_size: int = _opt(1, "Data parallel degree (every implementation)", PARALLEL)
+    zero_stage: Optional[int] = _opt(None, "DeepSpeed ZeRO stage over dp (autotp only; "
+                                     "default 1)", PARALLEL, (0, 1, 2, 3))
+    use_vocab_parallel: Optional[bool] = _opt(
+        None, "Vocabulary-parallel embedding, lm_head and loss: logits stay sharded over tp; "
+        "--no_vocab_parallel disables (default: on where the impl offers it; no effect at tp 1)",
+        PARALLEL)
+    sequence_parallel: Optional[bool] = _opt(
+        None, "Norms and the residual stream sharded on the sequence dim over tp (fsdp_dtensor; "
+        "default on; no effect at tp 1)", PARALLEL)
+    fsdp_at_dp1: Optional[bool] = _opt(
+        None, "fsdp_dtensor: wrap with FSDP2 even when dp_size is 1 with --autocast or float32, "
+        "where it only adds copies (for study; default off)", PARALLEL)
     # Training
     batch_size: int = _opt(1, "Per-GPU micro batch size", TRAINING)
     seq_length: int = _opt(2048, "Sequence length", TRAINING)
@@ -77,10 +84,12 @@ class BenchConfig:
                           "of the strategy's parameter casting", MEMORY)
     activation_checkpointing: bool = _opt(False, "Enable activation checkpointing "
                                           "(per transformer layer)", MEMORY)
-    meta_init: bool = _opt(True, "fsdp_dtensor: build the model on the meta device and "
-                           "materialize only this rank's shards (no rank holds the full model)",
-                           MEMORY)
+    meta_init: Optional[bool] = _opt(
+        None, "Build the model on the meta device and materialize only this rank's shards, so "
+        "no rank holds the full model (fsdp_dtensor; default on)", MEMORY)
     compile: bool = _opt(False, "torch.compile each transformer layer", MEMORY)
+    force: bool = _opt(False, "Run even when the memory plan predicts the model will not fit "
+                       "(see `tp-bench plan`)", MEMORY)
     # Benchmarking
     warmup_steps: int = _opt(5, "Steps to skip in metrics collection", BENCH)
     log_interval: int = _opt(10, "Logging interval (steps); metrics are read from the "
@@ -97,58 +106,45 @@ class BenchConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self, world_size: int) -> "BenchConfig":
-        """Check options that need no model; return a copy with tp_size resolved."""
-        from tp_bench.parallel.factory import available_strategies
-
-        if self.impl not in available_strategies():
-            raise ConfigError(f"unknown --impl {self.impl!r}; "
-                              f"choose from {', '.join(available_strategies())}")
+        """Check options that need neither a model nor a strategy; return a copy with tp_size
+        resolved."""
         for name, allowed in (("dtype", DTYPES), ("attn_impl", ATTN_IMPLS),
-                              ("zero_stage", ZERO_STAGES), ("timing", TIMING_MODES),
-                              ("optimizer_impl", OPTIMIZER_IMPLS)):
+                              ("timing", TIMING_MODES), ("optimizer_impl", OPTIMIZER_IMPLS),
+                              ("zero_stage", (None, 0, 1, 2, 3))):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"unknown --{name} {value!r}; choose from "
-                                  f"{', '.join(map(str, allowed))}")
+                                  f"{', '.join(str(a) for a in allowed if a is not None)}")
         for name in ("dp_size", "batch_size", "seq_length", "num_training_steps",
                      "gradient_accumulation_steps", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("num_layers", "warmup_steps", "learning_rate", "weight_decay",
-                     "max_grad_norm"):
+        for name in ("num_layers", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"--{name} must be a finite number >= 0 (got {value})")
         if self.num_training_steps <= self.warmup_steps:
             raise ConfigError(f"--num_training_steps ({self.num_training_steps}) must exceed "
                               f"--warmup_steps ({self.warmup_steps}): no step would be measured")
-        if self.peak_tflops is not None and self.peak_tflops <= 0:
-            raise ConfigError(f"--peak_tflops must be > 0 (got {self.peak_tflops})")
-
-        tp = self.tp_size
-        if tp is None:
-            if world_size % self.dp_size:
-                raise ConfigError(f"world size {world_size} is not divisible by "
-                                  f"--dp_size {self.dp_size}")
-            tp = world_size // self.dp_size
-        if tp < 1:
-            raise ConfigError(f"--tp_size must be >= 1 (got {tp})")
-        if self.dp_size * tp != world_size:
-            raise ConfigError(f"dp_size * tp_size must equal the world size: "
-                              f"{self.dp_size} * {tp} = {self.dp_size * tp}, "
-                              f"but {world_size} processes were launched")
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops)
+                                                 and self.peak_tflops > 0):
+            raise ConfigError(f"--peak_tflops must be a finite number > 0 (got "
+                              f"{self.peak_tflops})")
+        dims = ParallelDims.resolve(world_size, self.dp_size, self.tp_size)
         if self.attn_impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("--attn_impl flash_attention_2 needs the flash_attn package, "
                               "which is not installed; use sdpa")
-        return dataclasses.replace(self, tp_size=tp)
+        return dataclasses.replace(self, tp_size=dims.tp)
 
-    def validate_model(self, num_attention_heads: int, num_key_value_heads: int) -> None:
-        """Checks that need the model's shape (called before the model is built)."""
-        tp = self.tp_size or 1
-        for what, heads in (("num_attention_heads", num_attention_heads),
-                            ("num_key_value_heads", num_key_value_heads)):
-            if heads % tp:
-                raise ConfigError(f"{self.model_name}: {what} = {heads} is not divisible by "
-                                  f"tp_size = {tp}")
+    @property
+    def dims(self) -> ParallelDims:
+        """The parallel degrees of a validated config."""
+        if self.tp_size is None:
+            raise ValueError("tp_size is resolved by validate()")
+        return ParallelDims(dp=self.dp_size, tp=self.tp_size)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -166,3 +162,10 @@ class BenchConfig:
     @classmethod
     def option_fields(cls) -> list[dataclasses.Field]:
         return list(dataclasses.fields(cls))
+
+
+# Options whose default depends on the impl (None until strategies.registry.resolve).
+IMPL_OPTIONS = ("zero_stage", "use_vocab_parallel", "sequence_parallel", "fsdp_at_dp1",
+                "meta_init")
+# Options every impl takes with these values: how a stack trains, not which stack it is.
+TECHNIQUE_OPTIONS = ("compile", "activation_checkpointing", "autocast", "optimizer_impl")

@@ -1,8 +1,10 @@
 """The results file: the seed's schema (config, steps, summary) plus clearly named additions.
 
 Written by rank 0 only, atomically (temporary file + rename), at every log interval while the
-run goes (status "partial") and once at the end ("complete"), or with status "failed" and the
-error when a run stops early; what was measured before a failure is never dropped.
+run goes (status "partial") and once at the end: "complete", or "failed", "diverged" or
+"interrupted" with the error and the phase it happened in; what was measured before is never
+dropped. The JSON is strict: a non-finite number is written as null, and its key gets a sibling
+``<key>_nonfinite`` saying "nan", "inf" or "-inf".
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-SCHEMA_VERSION = 1
+from tp_bench.core.errors import ConfigError
+from tp_bench.core.stats import quantile
+
+# 2: impl-specific options are null where the impl does not take them; strategy.tp_plan holds
+# the applied root and layer plans; statuses "diverged" and "interrupted"; skipped steps kept
+# apart; strict JSON (null + <key>_nonfinite); a "run" block (pid, host, heartbeat).
+SCHEMA_VERSION = 2
+STATUSES = ("partial", "complete", "failed", "diverged", "interrupted")
 SEED_SUMMARY_KEYS = ("num_steps", "avg_step_time_ms", "std_step_time_ms", "avg_tokens_per_sec",
                      "avg_samples_per_sec", "avg_loss", "final_loss", "peak_memory_gb",
                      "timing_breakdown")
@@ -28,14 +37,6 @@ SEED_SUMMARY_KEYS = ("num_steps", "avg_step_time_ms", "std_step_time_ms", "avg_t
 
 def result_path(output_dir: str | os.PathLike, impl: str, tp_size: int, dp_size: int) -> Path:
     return Path(output_dir) / f"results_{impl}_tp{tp_size}_dp{dp_size}.json"
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default) of a non-empty sequence."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def summarize(steps: Sequence[dict[str, Any]], tokens_per_step: int, samples_per_step: int,
@@ -114,7 +115,46 @@ def environment(device: torch.device, world_size: int, backend: str) -> dict[str
     }
 
 
+def _nonfinite_reason(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None; in a dict, key ``k`` also gets
+    ``k_nonfinite`` ("nan", "inf", "-inf") so the reason is kept."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = None
+                out[f"{key}_nonfinite"] = _nonfinite_reason(value)
+            else:
+                out[key] = strict(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Raise ConfigError unless results can be written to ``path`` (created if missing), found
+    out by writing and removing a file there."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tp_bench_write_check.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"--output_dir {str(path)!r} is not a writable directory "
+                          f"({reason})") from None
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``strict(obj)`` as standard JSON, atomically (temporary file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -123,7 +163,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; results are ordinary files
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=True)
+            json.dump(strict(obj), f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

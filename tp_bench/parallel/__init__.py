@@ -1,1 +1,0 @@
-"""Tensor-parallel strategies (see factory.py for the registry)."""

@@ -1,0 +1,102 @@
+"""What a strategy is: a ``parallelize`` that shards a model and says what it applied, a trainer
+that trains the result, and the options the stack takes (as data: the sweep explores them).
+
+The engine owns the step loop, timing and records; a strategy owns everything framework-specific.
+Nothing outside a strategy branches on ``impl``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Optional, Union
+
+import torch
+from torch import nn
+
+from tp_bench.core.config import BenchConfig
+from tp_bench.core.data import Batch
+from tp_bench.core.dims import Mesh
+from tp_bench.models.base import BaseModelBuilder
+
+Number = Union[torch.Tensor, float, None]
+
+
+def hf_causal_lm_loss(model: Callable, batch: Batch) -> torch.Tensor:
+    """The HuggingFace model's own causal-LM loss (position t predicts label t+1)."""
+    return model(input_ids=batch.input_ids, labels=batch.labels, use_cache=False).loss
+
+
+@dataclass
+class Parallelized:
+    """A sharded model and what was done to it."""
+
+    model: nn.Module
+    plan: Optional[dict[str, Any]]      # the TP plan as applied (recorded in the results)
+    techniques: list[str]               # what was applied, in order (one log line)
+    settings: dict[str, Any]            # the results' "strategy" block
+    precision: dict[str, Any]           # the results' "precision" block, but loss scaling
+    forward_loss: Callable[[Callable, Batch], torch.Tensor] = hf_causal_lm_loss
+    contexts: tuple[Callable[[], ContextManager], ...] = ()   # around forward and backward
+    engine: Any = None                  # a framework engine that trains the model (DeepSpeed's)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What an optimizer step reports; nothing here has been read from the device."""
+
+    grad_norm: Number                   # pre-clip global norm; None when the stack has none
+    skipped: Optional[bool]             # True: no update (overflow); None: not known here
+
+
+class Trainer(ABC):
+    """Trains a Parallelized model: loss, backward, clipping, the optimizer, loss scaling."""
+
+    model: nn.Module
+    loss_scaling: Optional[str] = None  # "dynamic" with float16 loss scaling
+
+    @abstractmethod
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Mean causal-LM loss of this rank's micro-batch (unscaled by accumulation)."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch, scaled for gradient accumulation."""
+
+    @abstractmethod
+    def step(self) -> StepStats:
+        """Clip, optimizer step (or a skip), zero grads."""
+
+    def full_gradients(self) -> Optional[dict[str, torch.Tensor]]:
+        """For parity checks: the unsharded gradient of every parameter, keyed by canonical
+        name (``models.base.canonical_param_name``), after backward and before ``step``, in the
+        loss's scale. A collective. None when the trainer cannot provide them."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Optimizer and clipping, merged into the results' "strategy" block."""
+        return {}
+
+
+def _on_device(cfg: BenchConfig, builder: BaseModelBuilder,
+               device: torch.device) -> Union[torch.device, str]:
+    return "meta" if cfg.meta_init else device
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A stack, registered under ``name`` (strategies.registry)."""
+
+    name: str
+    parallelize: Callable[[nn.Module, BaseModelBuilder, Mesh, BenchConfig, torch.device],
+                          Parallelized]
+    trainer: Callable[[Parallelized, BenchConfig, Mesh, torch.device], Trainer]
+    # The options this stack takes, each with the values it supports, its default first
+    # (core.config.IMPL_OPTIONS and TECHNIQUE_OPTIONS).
+    options: dict[str, tuple]
+    # The options a sweep explores for the fastest configuration (a subset of ``options``).
+    sweep: tuple[str, ...] = ()
+    # Where the model is built: "meta" (sharded, then materialized by the engine) or a device.
+    build_device: Callable[[BenchConfig, BaseModelBuilder, torch.device],
+                           Union[torch.device, str]] = _on_device
+    environment: Callable[[], dict[str, Any]] = field(default=dict)

@@ -1,0 +1,90 @@
+"""PyTorch FSDP2 (``fully_shard``) over "dp" + DTensor tensor parallelism over "tp".
+
+``parallelize`` composes the DTensor steps in torchtitan's order: TP plan (the model family's,
+as data) -> activation checkpointing -> per-layer compile -> FSDP2. The engine builds the model
+on the meta device first (``--meta_init``) and materializes this rank's shards afterwards.
+
+- Vocabulary parallelism: embedding rowwise (vocab-sharded), lm_head colwise with logits left
+  sharded, cross-entropy under ``loss_parallel`` (no rank ever holds the full logits).
+- Sequence parallelism: norms and the residual stream sharded on the sequence dim; the blocks
+  all-gather it and the row-parallel outputs reduce-scatter it back.
+- FSDP2 over "dp" when dp > 1, and at dp = 1 only where it is the precision mechanism (the
+  default "cast" policy: FSDP2's MixedPrecisionPolicy casts every parameter to ``--dtype`` for
+  compute, as DeepSpeed's bf16 mode does); with ``--autocast`` or float32 it would only add
+  copies there, unless ``--fsdp_at_dp1``.
+
+Parameters and optimizer state stay float32 (master weights), gradients are reduced in float32.
+Pure-bf16 parameters with AdamW at lr 1e-5 would silently stop learning (the updates round away),
+so they are not offered. Training is the shared TorchTrainer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tp_bench.core.config import BenchConfig
+from tp_bench.core.dims import Mesh
+from tp_bench.core.precision import compute_policy, precision_record
+from tp_bench.models.base import BaseModelBuilder
+from tp_bench.strategies.base import Parallelized, Strategy
+from tp_bench.strategies.dtensor_steps import (apply_activation_checkpointing, apply_compile,
+                                               apply_fsdp, apply_tp_plan, loss_parallel_context,
+                                               mixed_precision_policy)
+from tp_bench.strategies.torch_trainer import TorchTrainer
+
+
+def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: BenchConfig,
+                device: torch.device) -> Parallelized:
+    dims = mesh.dims
+    vocab_parallel = cfg.use_vocab_parallel and dims.tp > 1
+    sequence_parallel = cfg.sequence_parallel and dims.tp > 1
+    policy = compute_policy(cfg.dtype, cfg.autocast)
+    use_fsdp = dims.dp > 1 or cfg.fsdp_at_dp1 or policy == "cast"
+    layers = builder.get_transformer_layers(model)
+    applied, plan = [], None
+    if dims.tp > 1:
+        plan = builder.tp_plan(vocab_parallel, sequence_parallel)
+        apply_tp_plan(model, plan, mesh.tp_mesh, builder)
+        applied.append(f"TP {dims.tp}" + (" + vocab/loss parallel" if vocab_parallel else "")
+                       + (" + sequence parallel" if sequence_parallel else ""))
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(layers)
+        applied.append("activation checkpointing")
+    if cfg.compile:
+        apply_compile(layers)
+        applied.append("per-layer torch.compile")
+    if use_fsdp:
+        apply_fsdp(model, layers, mesh.dp_mesh, mixed_precision_policy(cfg.dtype, cfg.autocast))
+        applied.append(f"FSDP2 over dp {dims.dp}")
+    mechanism = {"none": "none", "autocast": "torch.autocast",
+                 "cast": "fsdp2_mixed_precision"}[policy]
+    return Parallelized(
+        model=model,
+        plan=plan.describe() if plan else None,
+        techniques=applied,
+        settings={"vocab_parallel": vocab_parallel, "sequence_parallel": sequence_parallel,
+                  "fsdp": "fully_shard per layer + root over dp" if use_fsdp else None,
+                  "activation_checkpointing": cfg.activation_checkpointing,
+                  "compile": "per transformer layer" if cfg.compile else None,
+                  "meta_init": cfg.meta_init},
+        precision=precision_record(cfg.dtype, cfg.autocast, "float32", mechanism, None),
+        contexts=(loss_parallel_context,) if vocab_parallel else ())
+
+
+_TECHNIQUES = {
+    "autocast": (False, True),
+    "compile": (False, True),
+    "activation_checkpointing": (False, True),
+    "optimizer_impl": ("fused", "foreach"),
+}
+
+STRATEGY = Strategy(
+    name="fsdp_dtensor",
+    parallelize=parallelize,
+    trainer=TorchTrainer,
+    options={"use_vocab_parallel": (True, False), "sequence_parallel": (True, False),
+             "meta_init": (True, False), "fsdp_at_dp1": (False, True), **_TECHNIQUES},
+    sweep=("autocast", "compile", "sequence_parallel", "use_vocab_parallel",
+           "activation_checkpointing", "optimizer_impl"),
+)
