@@ -43,3 +43,35 @@ def concurrently(*calls):
     """Run the calls in threads (each starts a subprocess); their results, in order."""
     with ThreadPoolExecutor(len(calls)) as pool:
         return [f.result() for f in [pool.submit(call) for call in calls]]
+
+
+def _reject_constant(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def strict_json_problems(root):
+    """Every JSON file under ``root`` that holds NaN or Infinity, which a strict parser rejects
+    (files that are no JSON at all are the tests' own bad input)."""
+    import json
+
+    problems = []
+    for path in sorted(root.rglob("*.json")):
+        text = path.read_text()
+        try:
+            json.loads(text)
+        except ValueError:
+            continue
+        try:
+            json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            problems.append(f"{path}: {exc}")
+    return problems
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_json_written_is_strict(tmp_path_factory):
+    """After the session: every JSON file the tests wrote (results, reports, suite JSON) parses
+    with a strict parser, as other languages' JSON libraries would read it."""
+    yield
+    problems = strict_json_problems(tmp_path_factory.getbasetemp())
+    assert not problems, "\n".join(problems)

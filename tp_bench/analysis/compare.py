@@ -1,20 +1,26 @@
 """Comparison of results files: one row per run, ratios to a baseline run, comparability.
 
 Rows are listed in the order given, never sorted by speed: a ratio is shown only where the run
-is comparable with the baseline (same model, sequence length, precision policy and device
-type); anything else is flagged with the reason, so a faster number from a different workload
-cannot pass for a faster implementation.
+is comparable with the baseline (same model, sequence length, numeric contract and device type)
+and completed; anything else is flagged with the reason, so a faster number from a different
+workload, or from a run that diverged or stopped early, cannot pass for a faster
+implementation. Reads results files of schema versions 1 and 2 (``SCHEMA_VERSIONS``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from tp_bench.core.errors import ConfigError
+
+# 1: the first version; 2: impl-specific options null where they do not apply, the applied root
+# and layer TP plans, statuses "diverged" and "interrupted", skipped steps apart, strict JSON.
+SCHEMA_VERSIONS = (1, 2)
 
 # Config keys every run label already shows (or that say nothing about the run).
 _LABEL_KEYS = {"impl", "tp_size", "dp_size", "output_dir"}
@@ -78,7 +84,21 @@ def load_run(path: Path, index: int) -> Run:
                           f"`tp-bench gate`")
     if not isinstance(doc, dict) or not {"config", "steps", "summary"} <= doc.keys():
         raise ConfigError(f"{path}: not a tp_bench results file (needs config, steps, summary)")
+    version = doc.get("schema_version", 1)
+    if version not in SCHEMA_VERSIONS:
+        raise ConfigError(f"{path}: results schema {version} is newer than this tp_bench reads "
+                          f"({', '.join(map(str, SCHEMA_VERSIONS))}); update tp_bench")
     return Run(index, path, doc)
+
+
+def run_status(doc: dict[str, Any]) -> str:
+    """The run's status; a "partial" file whose process is gone (same host) is "stale"."""
+    status = doc.get("status", "complete")
+    run = doc.get("run") or {}
+    if status == "partial" and run.get("host") == socket.gethostname() and run.get("pid"):
+        if not Path(f"/proc/{run['pid']}").exists():
+            return "stale"
+    return status
 
 
 # ---------------------------------------------------------------------- comparability
@@ -102,20 +122,21 @@ def model_label(doc: dict[str, Any]) -> str:
 
 
 def precision_key(doc: dict[str, Any]) -> tuple:
-    """What is computed, kept and reduced in which dtype, and the compute policy (parameters
-    cast to the compute dtype, or autocast: they compute different things); the mechanism (FSDP2's
-    casts, DeepSpeed's bf16 module copy) is the implementation's business and does not count."""
+    """The numeric contract: what is computed, kept and reduced in which dtype. How a stack
+    gets there (FSDP2's casts, DeepSpeed's bf16 module copy, autocast) is its business: it is
+    shown, and the loss curves say whether the runs train alike."""
     p = doc.get("precision")
     if not p:
-        return (doc["config"].get("dtype"), None, None, None, None)
+        return (doc["config"].get("dtype"), None, None, None)
     return (p.get("compute_dtype"), p.get("master_weights"), p.get("optimizer_state_dtype"),
-            p.get("grad_reduce_dtype"), p.get("policy"))
+            p.get("grad_reduce_dtype"))
 
 
 def precision_label(doc: dict[str, Any]) -> str:
     """compute/master/reduce, e.g. ``bf16/fp32/fp32``; optimizer state added when it differs,
     ``autocast`` when that is the policy."""
-    *dtypes, policy = precision_key(doc)
+    dtypes = precision_key(doc)
+    policy = (doc.get("precision") or {}).get("policy")
     compute, master, opt_state, reduce = (_SHORT_DTYPE.get(d, d or "?") for d in dtypes)
     label = f"{compute}/{master}/{reduce}"
     if opt_state not in (master, "?"):
@@ -126,6 +147,9 @@ def precision_label(doc: dict[str, Any]) -> str:
 def comparability_reasons(base: dict[str, Any], other: dict[str, Any]) -> list[str]:
     """Why ``other`` cannot be ranked against ``base`` (empty when it can)."""
     reasons = []
+    status = run_status(other)
+    if status != "complete":
+        reasons.append(f"status {status}")
     if model_identity(base) != model_identity(other):
         reasons.append(f"model {model_label(other)} vs {model_label(base)}")
     if base["config"]["seq_length"] != other["config"]["seq_length"]:
@@ -175,7 +199,7 @@ def run_row(run: Run, baseline: Run) -> dict[str, Any]:
     row = {
         "run": run.index,
         "file": str(run.path),
-        "status": doc.get("status", "complete"),
+        "status": run_status(doc),
         "impl": cfg["impl"],
         "mesh": run.mesh,
         "model": model_label(doc),
@@ -237,7 +261,15 @@ def compare(paths: Sequence[str | os.PathLike],
         files = base_path + [f for f in files if f.resolve() != base_path[0].resolve()]
     if not files:
         raise ConfigError("no results files given")
-    runs = [load_run(path, i) for i, path in enumerate(files, start=1)]
+    docs = [load_run(path, 0) for path in files]
+    complete = [i for i, run in enumerate(docs) if run_status(run.doc) == "complete"]
+    if baseline is not None and 0 not in complete:
+        raise ConfigError(f"--baseline {baseline}: status {run_status(docs[0].doc)}, not a valid "
+                          f"baseline")
+    if not complete:
+        raise ConfigError("no complete run among the files: nothing to compare against")
+    order = [complete[0]] + [i for i in range(len(docs)) if i != complete[0]]
+    runs = [Run(n, docs[i].path, docs[i].doc) for n, i in enumerate(order, start=1)]
     _differing_settings(runs)
     rows = [run_row(r, runs[0]) for r in runs]
     return Comparison(runs, runs[0], rows)
@@ -251,12 +283,14 @@ def notes(comparison: Comparison) -> list[str]:
         extra = (f" (vs #{base}: {', '.join(run.differs)})" if run.differs
                  else " (baseline)" if run is comparison.baseline else "")
         out.append(f"#{run.index}: {run.path}{extra}")
-    for row in comparison.rows:
+    for run, row in zip(comparison.runs, comparison.rows):
         if row["not_comparable"]:
             out.append(f"#{row['run']}: not comparable with #{row['baseline']}: "
                        f"{'; '.join(row['not_comparable'])}")
         if row["status"] != "complete":
-            out.append(f"#{row['run']}: status {row['status']} ({row['num_steps']} measured steps)")
+            error = run.doc.get("error")
+            out.append(f"#{row['run']}: status {row['status']} ({row['num_steps']} measured steps)"
+                       + (f": {error}" if error else ""))
         elif not row["num_steps"]:
             out.append(f"#{row['run']}: no measured steps")
     kinds = {row["memory_kind"] for row in comparison.rows}

@@ -59,12 +59,13 @@ def _process_gone(pid: int) -> bool:
 
 
 class FailureGuard:
-    def __init__(self, ctx: DistContext, on_abort: Callable[[str, str], None],
+    def __init__(self, ctx: DistContext, on_abort: Callable[[str, str, Optional[str]], None],
                  poll_s: float = 0.5, ack_timeout_s: float = 30.0, stop_grace_s: float = 20.0,
                  lost_after_s: float = 45.0, heartbeat_s: float = 2.0,
-                 handle_signals: bool = True):
+                 handle_signals: bool = True, phase: Callable[[], Optional[str]] = lambda: None):
         self.ctx = ctx
-        self.on_abort = on_abort          # (status, message), rank 0 only
+        self.on_abort = on_abort          # (status, message, phase of the failing rank): rank 0
+        self.phase = phase                # where this rank is (set-up, training, ...)
         self.poll_s = poll_s
         self.ack_timeout_s = ack_timeout_s
         self.stop_grace_s = stop_grace_s
@@ -127,11 +128,12 @@ class FailureGuard:
             import traceback
 
             traceback.print_exception(exc)
-        payload = json.dumps({"status": status, "message": message, "signal": self.stop_signal})
+        payload = json.dumps({"status": status, "message": message, "signal": self.stop_signal,
+                              "phase": self.phase()})
         try:
             self._store.compare_set(ABORT_KEY, "", payload)
         except Exception:  # noqa: BLE001 - the store is gone: report locally and leave
-            self._leave(status, message, self.stop_signal, acknowledge=False)
+            self._leave(status, message, self.stop_signal, self.phase(), acknowledge=False)
         self._handle()
 
     def _handle(self) -> None:
@@ -142,15 +144,15 @@ class FailureGuard:
         try:
             payload = json.loads(self._store.get(ABORT_KEY).decode())
         except Exception:  # noqa: BLE001
-            payload = {"status": "failed", "message": "the run's store went away",
-                       "signal": None}
+            payload = {"status": "failed", "message": "the run's store went away"}
         self._leave(payload["status"], payload["message"], payload.get("signal"),
-                    acknowledge=True)
+                    payload.get("phase"), acknowledge=True)
 
-    def _leave(self, status: str, message: str, signum: Optional[int], acknowledge: bool) -> None:
+    def _leave(self, status: str, message: str, signum: Optional[int], phase: Optional[str],
+               acknowledge: bool) -> None:
         if self.ctx.is_rank0:
             try:
-                self.on_abort(status, message)
+                self.on_abort(status, message, phase)
             except Exception as exc:  # noqa: BLE001 - the exit below must happen regardless
                 message += f" (the results could not be saved: {type(exc).__name__}: {exc})"
             label = "interrupted" if status == "interrupted" else "error"

@@ -199,7 +199,11 @@ class ResultWriter:
                     "updated_utc": _utc_now(), "phase": self.phase},
         }
 
-    def write(self, status: str, error: Optional[str] = None) -> dict[str, Any]:
+    def write(self, status: str, error: Optional[str] = None,
+              phase: Optional[str] = None) -> dict[str, Any]:
+        """Write the document (rank 0); ``phase``: where the failing rank was, if not here."""
+        if phase is not None:
+            self.phase = phase
         doc = self.document(status, error)
         if self.session.ctx.is_rank0:
             results.write_json_atomic(self.path, doc)
@@ -236,7 +240,7 @@ def train(session: Session) -> dict[str, Any]:
     """Set up and train a prepared session; return the results document."""
     cfg, ctx = session.cfg, session.ctx
     writer = ResultWriter(session)
-    guard = FailureGuard(ctx, on_abort=lambda status, message: writer.write(status, message))
+    guard = FailureGuard(ctx, on_abort=writer.write, phase=lambda: writer.phase)
     with guard:
         session.setup()
         rank0_print(

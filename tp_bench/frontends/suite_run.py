@@ -75,7 +75,7 @@ class SuiteRun:
 
         store = dist.distributed_c10d._get_default_store()
         # pytest handles Ctrl-C itself; the guard handles failures and lost ranks.
-        self.guard = FailureGuard(self.ctx, on_abort=lambda status, message:
+        self.guard = FailureGuard(self.ctx, on_abort=lambda status, message, phase:
                                   self.save_on_abort(config), handle_signals=False)
         self.guard.__enter__()
         self.agreement = RankAgreement(
