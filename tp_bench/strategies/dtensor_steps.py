@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tp_bench.core.precision import TORCH_DTYPES, compute_policy
+from tp_bench.core.config import BenchConfig
+from tp_bench.core.precision import TORCH_DTYPES, compute_policy, precision_record
 from tp_bench.models.base import BaseModelBuilder
 from tp_bench.models.tp_plan import TPPlan
 
@@ -52,6 +53,14 @@ def mixed_precision_policy(dtype: str, autocast: bool) -> Any:
     if compute_policy(dtype, autocast) == "cast":
         return MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[dtype], reduce_dtype=torch.float32)
     return MixedPrecisionPolicy(reduce_dtype=torch.float32)
+
+
+def fsdp_precision(cfg: BenchConfig) -> dict[str, Any]:
+    """The precision record of a stack whose parameters stay float32 and whose "cast" policy is
+    FSDP2's MixedPrecisionPolicy (``mixed_precision_policy``)."""
+    mechanism = {"none": "none", "autocast": "torch.autocast",
+                 "cast": "fsdp2_mixed_precision"}[compute_policy(cfg.dtype, cfg.autocast)]
+    return precision_record(cfg.dtype, cfg.autocast, "float32", mechanism, None)
 
 
 def apply_fsdp(model: nn.Module, layers: nn.ModuleList, dp_mesh: Any, mp_policy: Any) -> None:

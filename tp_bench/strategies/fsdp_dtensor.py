@@ -25,12 +25,12 @@ from torch import nn
 
 from tp_bench.core.config import BenchConfig
 from tp_bench.core.dims import Mesh
-from tp_bench.core.precision import compute_policy, precision_record
+from tp_bench.core.precision import compute_policy
 from tp_bench.models.base import BaseModelBuilder
 from tp_bench.strategies.base import Parallelized, Strategy
 from tp_bench.strategies.dtensor_steps import (apply_activation_checkpointing, apply_compile,
-                                               apply_fsdp, apply_tp_plan, loss_parallel_context,
-                                               mixed_precision_policy)
+                                               apply_fsdp, apply_tp_plan, fsdp_precision,
+                                               loss_parallel_context, mixed_precision_policy)
 from tp_bench.strategies.torch_trainer import TorchTrainer
 
 
@@ -57,8 +57,6 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
     if use_fsdp:
         apply_fsdp(model, layers, mesh.dp_mesh, mixed_precision_policy(cfg.dtype, cfg.autocast))
         applied.append(f"FSDP2 over dp {dims.dp}")
-    mechanism = {"none": "none", "autocast": "torch.autocast",
-                 "cast": "fsdp2_mixed_precision"}[policy]
     return Parallelized(
         model=model,
         plan=plan.describe() if plan else None,
@@ -68,7 +66,7 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
                   "activation_checkpointing": cfg.activation_checkpointing,
                   "compile": "per transformer layer" if cfg.compile else None,
                   "meta_init": cfg.meta_init},
-        precision=precision_record(cfg.dtype, cfg.autocast, "float32", mechanism, None),
+        precision=fsdp_precision(cfg),
         contexts=(loss_parallel_context,) if vocab_parallel else ())
 
 
