@@ -7,7 +7,7 @@ import pytest
 
 from launch import REPO
 
-SCRIPTS = ["ci/run_suite.sh", "benchmarks/gate_false_alarms.sh"]
+SCRIPTS = ["ci/run_suite.sh"]
 
 
 def test_workflow_gates_and_uploads():

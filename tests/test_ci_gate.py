@@ -10,74 +10,111 @@ import pytest
 from conftest import SLOWDOWN, concurrently
 from launch import python
 from tp_bench.analysis import gate as ci_gate
-from tp_bench.analysis.gate import GateInputError, Sample, gate, judge
+from tp_bench.analysis.gate import Baseline, GateInputError, Sample, gate, judge
+from tp_bench.core.stats import quantile
 
-CPU_THRESHOLD = "25"   # percent; this shared 2-core machine needs far more than a GPU's 5
+CPU_THRESHOLD = "25"   # percent; the single-process end-to-end runs below, on a shared machine
 
 
-def sample(median, q1, q3, name="b", lo=None, rounds=15, config=None):
-    return Sample(name, median=median, min=lo if lo is not None else q1 * 0.9, q1=q1, q3=q3,
-                  rounds=rounds, source="test", config=config)
+def sample(times, name="b", config=None):
+    return Sample.of(name, times, "test", config)
+
+
+def rounds(center, spread=0.04, n=15):
+    """``n`` round times spread evenly over center * (1 +- spread)."""
+    return [center * (1 - spread + 2 * spread * i / (n - 1)) for i in range(n)]
+
+
+def one(times, **kwargs):
+    return Baseline((sample(times, **kwargs),))
 
 
 # ---------------------------------------------------------------------- the rule
-def test_slower_beyond_threshold_and_spread_is_a_regression():
-    v = judge(sample(100, 95, 105), sample(130, 125, 140), threshold=0.05)
+def test_slower_beyond_threshold_and_significant_is_a_regression():
+    v = judge(one(rounds(100)), sample(rounds(130)), threshold=0.15)
     assert v.status == "regression" and v.change == pytest.approx(0.30)
+    assert v.p_slower < 1e-5
 
 
-def test_slower_within_threshold_passes():
-    # quartile boxes apart, but only 3% slower
-    assert judge(sample(100, 99, 101), sample(103, 102, 104), threshold=0.05).status == "ok"
+def test_slower_within_threshold_passes_however_significant():
+    v = judge(one(rounds(100, 0.01)), sample(rounds(110, 0.01)), threshold=0.15)
+    assert v.status == "ok" and v.p_slower < 1e-5
 
 
-def test_slower_beyond_threshold_but_within_spread_passes():
-    # 20% slower median, but the fresh run's q1 sits below the baseline's q3: noise
-    v = judge(sample(100, 80, 130), sample(120, 100, 150), threshold=0.05)
-    assert v.status == "ok" and not v.beyond_spread
+def test_a_median_beyond_threshold_without_a_significant_shift_passes():
+    # half the fresh rounds as fast as the baseline's, half very slow: the median moved, the
+    # rounds as a whole did not (p is large)
+    base = rounds(100, 0.3)
+    fresh = base[:7] + [t * 1.6 for t in base[7:]]
+    v = judge(one(base), sample(fresh), threshold=0.15)
+    assert v.change > 0.15 and v.p_slower > 0.001 and v.status == "ok"
 
 
 def test_faster_is_reported_not_failed():
-    assert judge(sample(100, 95, 105), sample(70, 65, 75), threshold=0.05).status == "faster"
+    assert judge(one(rounds(100)), sample(rounds(70)), threshold=0.15).status == "faster"
 
 
 def test_min_statistic():
-    base, fresh = sample(100, 95, 105, lo=90), sample(130, 125, 140, lo=91)
-    assert judge(base, fresh, 0.05, "min").status == "ok"          # the minimums agree
-    assert judge(base, fresh, 0.05, "median").status == "regression"
+    base, fresh = rounds(100, 0.1), [t * 1.3 for t in rounds(100, 0.1)]
+    fresh[0] = base[0]                        # the minimums agree
+    assert judge(one(base), sample(fresh), 0.15, "min").status == "ok"
+    assert judge(one(base), sample(fresh), 0.15, "median").status == "regression"
+
+
+def test_a_history_raises_the_bar_to_what_honest_runs_did():
+    """Three baselines whose whole runs moved by up to 18%: a fresh run 17% slower than their
+    median is not a regression, one 35% slower is; with the one fast baseline alone, 19% would
+    have failed."""
+    history = Baseline(tuple(sample(rounds(c)) for c in (100, 120, 102)))
+    assert history.statistic("median") == pytest.approx(102)
+    assert history.spread("median") == pytest.approx(120 / 102 - 1)
+    assert judge(history, sample(rounds(119)), 0.15).status == "ok"
+    assert judge(history, sample(rounds(137.7)), 0.15).status == "regression"
+    assert judge(one(rounds(100)), sample(rounds(119)), 0.15).status == "regression"
+
+
+def test_without_per_round_data_the_quartile_rule_decides():
+    base = Sample("b", median=100, min=90, q1=95, q3=105, rounds=15, source="saved")
+    assert judge(Baseline((base,)), Sample("b", 130, 120, 125, 140, 15, "s"), 0.15).status \
+        == "regression"
+    assert judge(Baseline((base,)), Sample("b", 120, 90, 100, 150, 15, "s"), 0.15).status == "ok"
 
 
 def test_missing_and_new_benchmarks_are_listed_but_pass():
-    verdicts = gate({"a": sample(1, 1, 1, "a"), "gone": sample(1, 1, 1, "gone")},
-                    {"a": sample(1, 1, 1, "a"), "added": sample(1, 1, 1, "added")}, 0.05)
+    same = rounds(1)
+    verdicts = gate({"a": one(same, name="a"), "gone": one(same, name="gone")},
+                    {"a": sample(same, "a"), "added": sample(same, "added")}, 0.05)
     assert {v.name: v.status for v in verdicts} == {"a": "ok", "gone": "missing",
                                                     "added": "new"}
 
 
 def test_nothing_in_common_is_bad_input():
     with pytest.raises(GateInputError, match="no benchmark in common"):
-        gate({"a": sample(1, 1, 1, "a")}, {"b": sample(1, 1, 1, "b")}, 0.05)
+        gate({"a": one([1.0], name="a")}, {"b": sample([1.0], "b")}, 0.05)
 
 
 def test_different_configurations_are_bad_input():
-    base = sample(1, 1, 1, "a", config={"seq_length": 64, "output_dir": "x"})
-    fresh = sample(1, 1, 1, "a", config={"seq_length": 128, "output_dir": "y"})
+    base = one([1.0], name="a", config={"seq_length": 64, "output_dir": "x"})
+    fresh = sample([1.0], "a", config={"seq_length": 128, "output_dir": "y"})
     with pytest.raises(GateInputError, match=r"configurations: seq_length 128 vs 64$"):
         gate({"a": base}, {"a": fresh}, 0.05)
 
 
 def test_an_option_added_since_the_baseline_does_not_block():
-    base = sample(1, 1, 1, "a", config={"seq_length": 64})
-    fresh = sample(1, 1, 1, "a", config={"seq_length": 64, "new_option": True})
+    base = one([1.0], name="a", config={"seq_length": 64})
+    fresh = sample([1.0], "a", config={"seq_length": 64, "new_option": True})
     assert [v.status for v in gate({"a": base}, {"a": fresh}, 0.05)] == ["ok"]
 
 
 # ---------------------------------------------------------------------- inputs
-def write_pytest_benchmark(path, median, q1, q3, with_data=False):
-    stats = {"min": q1 * 0.9, "max": q3 * 1.2, "mean": median, "stddev": 0.1, "rounds": 9,
-             "median": median, "iqr": q3 - q1, "q1": q1, "q3": q3, "iterations": 1}
+def write_pytest_benchmark(path, times, with_data=True):
+    ordered = sorted(times)
+    stats = {"min": ordered[0], "max": ordered[-1], "mean": sum(times) / len(times),
+             "stddev": 0.1, "rounds": len(times), "median": quantile(times, 0.5),
+             "iqr": quantile(times, 0.75) - quantile(times, 0.25), "q1": quantile(times, 0.25),
+             "q3": quantile(times, 0.75), "iterations": 1}
     if with_data:
-        stats["data"] = [median] * 9
+        stats["data"] = list(times)
     path.write_text(json.dumps({"benchmarks": [{
         "group": None, "name": "test_step[x]", "fullname": "tests_bench/test_x.py::test_step[x]",
         "params": {"x": 1}, "extra_info": {}, "stats": stats}], "version": "5.3.1"}))
@@ -85,23 +122,39 @@ def write_pytest_benchmark(path, median, q1, q3, with_data=False):
 
 
 def test_reads_pytest_benchmark_json_with_and_without_raw_data(tmp_path):
+    times = rounds(2.0, 0.1, n=9)
     for name, with_data in (("saved.json", False), ("json.json", True)):
-        samples = ci_gate.load_samples(write_pytest_benchmark(tmp_path / name, 2.0, 1.9, 2.1,
-                                                              with_data))
+        samples = ci_gate.load_samples(write_pytest_benchmark(tmp_path / name, times, with_data))
         s = samples["tests_bench/test_x.py::test_step[x]"]
-        assert (s.median, s.q1, s.q3, s.rounds) == (2.0, 1.9, 2.1, 9)
+        assert (s.median, s.q1, s.q3, s.rounds) == pytest.approx((2.0, 1.9, 2.1, 9))
+        assert (s.data is not None) == with_data
 
 
 def test_exit_status_and_message_on_regression(tmp_path, capsys):
-    base = write_pytest_benchmark(tmp_path / "base.json", 1.0, 0.95, 1.05)
-    fresh = write_pytest_benchmark(tmp_path / "fresh.json", 1.5, 1.45, 1.6)
+    base = write_pytest_benchmark(tmp_path / "base.json", rounds(1.0))
+    fresh = write_pytest_benchmark(tmp_path / "fresh.json", rounds(1.5))
     summary = tmp_path / "summary.md"
     assert ci_gate.main([str(base), str(fresh), "--summary", str(summary)]) == 1
     out = capsys.readouterr().out
     assert ("REGRESSION tests_bench/test_x.py::test_step[x]: slower by 50.0% "
-            "(median 1 s -> 1.5 s)") in out
+            "(median 1 s -> 1.5 s), beyond the 15% threshold and significant (Mann-Whitney p = ") \
+        in out
     assert "| **regression** |" in summary.read_text()
     assert ci_gate.main([str(base), str(base)]) == 0
+
+
+def test_history_directory_of_runs(tmp_path, capsys):
+    history = tmp_path / "history"
+    history.mkdir()
+    for i, center in enumerate((1.0, 1.2, 1.02)):
+        write_pytest_benchmark(history / f"run{i}.json", rounds(center))
+    fresh = write_pytest_benchmark(tmp_path / "fresh.json", rounds(1.19))
+    assert ci_gate.main(["--history", str(history), str(fresh)]) == 0
+    assert "over 3 baseline runs" in capsys.readouterr().out
+    slow = write_pytest_benchmark(tmp_path / "slow.json", rounds(1.5))
+    assert ci_gate.main(["--history", str(history), str(slow)]) == 1
+    with pytest.raises(SystemExit):
+        ci_gate.main(["--history", str(history), str(slow), str(slow)])
 
 
 def bad_file(directory, content):
@@ -122,7 +175,7 @@ FAILED_RUN = json.dumps({"config": {}, "steps": [], "summary": {}, "status": "fa
     (FAILED_RUN, "status is 'failed', not 'complete' (OOM)"),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, content, message):
-    good = write_pytest_benchmark(tmp_path / "good.json", 1.0, 0.9, 1.1)
+    good = write_pytest_benchmark(tmp_path / "good.json", rounds(1.0))
     assert ci_gate.main([str(good), str(bad_file(tmp_path, content))]) == 2
     assert message in capsys.readouterr().err
 
@@ -165,7 +218,7 @@ BENCH_FILE = textwrap.dedent('''
     import os
     import time
 
-    SLOWDOWN = float(os.environ.get("TP_BENCH_TEST_SLOWDOWN", "0"))
+    SLOWDOWN = float(os.environ.get("TP_BENCH_TEST_SLOWDOWN", "1"))
 
 
     def work():
@@ -173,8 +226,8 @@ BENCH_FILE = textwrap.dedent('''
         total = 0
         for i in range(60_000):
             total += i * i
-        if SLOWDOWN:
-            time.sleep(SLOWDOWN * (time.perf_counter() - start))
+        if SLOWDOWN > 1:
+            time.sleep((SLOWDOWN - 1) * (time.perf_counter() - start))
         return total
 
 
@@ -196,7 +249,7 @@ def pytest_benchmark_runs(tmp_path_factory):
                       "test_cpu_work.py", f"--benchmark-json={out[label]}", cwd=root,
                       timeout=120, env={"TP_BENCH_TEST_SLOWDOWN": slowdown})
 
-    for proc in concurrently(lambda: run("honest", "0"), lambda: run("slowed", str(SLOWDOWN))):
+    for proc in concurrently(lambda: run("honest", "1"), lambda: run("slowed", str(SLOWDOWN))):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
 
@@ -215,4 +268,4 @@ def test_pytest_benchmark_run_with_injected_slowdown_fails(pytest_benchmark_runs
 
 def test_help_states_the_rule():
     text = ci_gate.build_parser("gate").format_help()
-    assert "fresh q1 > baseline q3" in text and "Exit status" in text
+    assert "Mann-Whitney U" in text and "history spread" in text and "Exit status" in text

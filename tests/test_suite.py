@@ -14,6 +14,8 @@ from launch import REPO, python, torchrun
 from tp_bench.frontends.suite import PHASES
 
 TESTS = str(REPO / "tests")
+# These tests are about the suite's mechanics: a few rounds do (the default is more).
+FEW_ROUNDS = ["--tp-bench-rounds", "3", "--tp-bench-warmup", "1"]
 # the fault-injection and broken-strategy plugins (-p) live beside this file
 ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), TESTS, os.environ.get("PYTHONPATH", "")])}
 
@@ -63,6 +65,7 @@ def test_torchrun_suite_writes_one_json_that_compare_reads(tmp_path):
     # rank 1's optimizer step ends 0.4 s late (after its last collective): rank 0's entry
     # shows it only if the recorded times are the slowest rank's
     proc = torchrun(2, "-m", "pytest", "-p", "suite_fault", "tests_bench", "-m", "fsdp_dtensor",
+                    *FEW_ROUNDS,
                     f"--benchmark-json={out}", "--benchmark-autosave",
                     f"--benchmark-storage=file://{storage}", timeout=300,
                     env={**ENV,
@@ -79,14 +82,14 @@ def test_torchrun_suite_writes_one_json_that_compare_reads(tmp_path):
                             for m in ("dp1xtp2", "dp2xtp1")}
     for name, entry in entries.items():
         info, mesh = entry["extra_info"], name.split("-", 1)[1].rstrip("]")
-        assert entry["group"] == f"tiny L2 seq64 bs2 bfloat16 {mesh}"
+        assert entry["group"] == f"tiny L2 seq64 bs2 float32 {mesh}"
         assert entry["stats"]["rounds"] == 3 and entry["options"]["timer"] == "device_clock"
         assert info["phase"] == name[5:].split("[")[0] and info["impl"] == "fsdp_dtensor"
         assert info["mesh"] == mesh and info["world_size"] == 2
         assert info["tokens_per_sec"] > 0 and info["memory_peak_gb"] > 0
         assert info["mfu"] is None   # no GPU peak on CPU
         assert 0 < info["loss"] < 20
-        assert info["precision"]["compute_dtype"] == "bfloat16"
+        assert info["precision"]["compute_dtype"] == "float32"
         assert info["config"]["seq_length"] == 64 and info["config"]["dp_size"] * \
             info["config"]["tp_size"] == 2
     assert entries["test_optimizer[fsdp_dtensor-dp1xtp2]"]["stats"]["min"] >= 0.4
@@ -98,7 +101,7 @@ def test_torchrun_suite_writes_one_json_that_compare_reads(tmp_path):
                              timeout=60)
     assert compare.returncode == 0, compare.stderr
     for mesh in ("dp1xtp2", "dp2xtp1"):
-        assert f"benchmark 'tiny L2 seq64 bs2 bfloat16 {mesh}': 4 tests" in compare.stdout
+        assert f"benchmark 'tiny L2 seq64 bs2 float32 {mesh}': 4 tests" in compare.stdout
         for phase in PHASES:
             assert f"test_{phase}[fsdp_dtensor-{mesh}]" in compare.stdout
 
@@ -112,7 +115,7 @@ def test_benchmark_disable_runs_each_test_once(tmp_path):
     assert "benchmark '" not in proc.stdout and not (tmp_path / "out.json").exists()
 
 
-SUBSET = ["-m", "fsdp_dtensor and not parity"]
+SUBSET = ["-m", "fsdp_dtensor and not parity", *FEW_ROUNDS]
 
 
 def _exit_statuses(directory):
@@ -161,3 +164,12 @@ def test_failure_on_one_rank_after_the_step_fails_everywhere_and_the_session_goe
     assert "RuntimeError: injected failure after test_backward[fsdp_dtensor-dp1xtp2]" in proc.stdout
     names = {b["name"] for b in json.loads(out.read_text())["benchmarks"]}
     assert len(names) == 7 and "test_backward[fsdp_dtensor-dp1xtp2]" not in names
+
+
+def test_default_rounds_are_enough_for_the_gates_rank_test():
+    from tp_bench.analysis.gate import MIN_ROUNDS
+    from tp_bench.core.config import BenchConfig
+    from tp_bench.frontends.suite_options import SuiteOptions
+
+    for device in ("cpu", "cuda"):
+        assert SuiteOptions.resolve(device, BenchConfig()).rounds >= MIN_ROUNDS
