@@ -53,7 +53,7 @@ class Launch:
     @property
     def results_path(self) -> Path:
         c = self.cfg
-        return results.result_path(self.directory, c.impl, c.tp_size, c.dp_size)
+        return results.result_path(self.directory, c.impl, c.tp_size, c.dp_size, c.dp_replicate)
 
     @property
     def tokens_per_sec(self) -> Optional[float]:

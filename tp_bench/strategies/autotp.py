@@ -342,8 +342,8 @@ STRATEGY = Strategy(
     options={"zero_stage": (1, 0, 2, 3), "use_vocab_parallel": (True, False),
              "autocast": (False, True), "compile": (False, True),
              "activation_checkpointing": (False, True), "optimizer_impl": ("fused", "foreach")},
-    sweep=("autocast", "compile", "use_vocab_parallel", "zero_stage",
-           "activation_checkpointing", "optimizer_impl"),
+    sweep=("compile", "zero_stage", "use_vocab_parallel", "autocast", "optimizer_impl",
+           "activation_checkpointing"),
     build_device=build_device,
     environment=lambda: {"autotp_api": AUTOTP_API},
 )
