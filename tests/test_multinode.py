@@ -23,7 +23,9 @@ def finish(procs, timeout=300):
 
 
 def tp_bench_lines(text):
-    return [line for line in text.splitlines() if line.startswith("tp_bench: ")]
+    """tp_bench's messages (errors, interruptions), not its log lines."""
+    return [line for line in text.splitlines()
+            if line.startswith(("tp_bench: error: ", "tp_bench: interrupted: "))]
 
 
 @pytest.mark.parametrize("impl, mesh", [("autotp", ["--dp_size", "2"]),
