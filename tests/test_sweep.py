@@ -86,7 +86,7 @@ def test_a_second_invocation_resumes_without_running_again(sweep):
 
 def test_ratios_and_the_pareto_front_by_hand():
     rates = {("a", "best"): [110.0, 120.0, 130.0], ("a", "default"): [100.0, 100.0, 100.0],
-             ("b", "best"): [100.0, 125.0, 120.0], ("b", "default"): [90.0, 100.0, 100.0]}
+             ("b", "best"): [120.0, 125.0, 110.0], ("b", "default"): [90.0, 100.0, 100.0]}
     ratios = {r["ratio"]: r for r in _ratios(rates)}
     assert ratios["a best / a default"]["median"] == pytest.approx(1.2)
     assert ratios["a best / a default"]["verdict"] == "a best faster"
