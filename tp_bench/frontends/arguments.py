@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 from tp_bench.core.config import BenchConfig
 from tp_bench.core.dist import env_rank
@@ -51,10 +51,13 @@ def _default_text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per BenchConfig field."""
+def add_config_arguments(parser: argparse.ArgumentParser, skip: Collection[str] = ()) -> None:
+    """One option per BenchConfig field (but those in ``skip``, which a command declares in its
+    own way)."""
     groups: dict[str, Any] = {}
     for f in BenchConfig.option_fields():
+        if f.name in skip:
+            continue
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         choices = meta["choices"] or (tuple(registry.available()) if f.name == "impl" else None)
