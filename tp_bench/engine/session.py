@@ -24,7 +24,7 @@ from tp_bench.core.topology import Topology, node_name
 from tp_bench.core.metrics import (MemoryMeter, PhaseTimer, Throughput, peak_tflops_for,
                                    process_age_s, setup_memory_gb)
 from tp_bench.engine.driver import StepDriver
-from tp_bench.engine.fit import check_host_fit
+from tp_bench.engine.fit import check_fit
 from tp_bench.models import get_model_builder
 from tp_bench.models.base import BaseModelBuilder, ModelConfig
 from tp_bench.strategies import registry
@@ -129,9 +129,16 @@ def prepare(cfg: BenchConfig, ctx: DistContext) -> Session:
     model_config = builder.model_config(cfg.num_layers)
     cfg.dims.check_heads(cfg.model_name, model_config.num_attention_heads,
                          model_config.num_key_value_heads)
-    if ctx.device.type == "cpu" and not cfg.force:
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))   # this node's
-        check_host_fit(cfg, model_config, local_ranks)
+    if not cfg.force:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        problem = None
+        try:
+            check_fit(cfg, ctx.device.type, local_ranks)
+        except ConfigError as exc:
+            problem = str(exc)
+        problem = from_rank0(problem)   # ranks may read the free memory differently
+        if problem:
+            raise ConfigError(problem)
     nodes = all_ranks(node_name())
     if len(nodes) != ctx.world_size:     # no process group: a world of one, or a dry check
         nodes = nodes[:1] * ctx.world_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 from tp_bench.core.config import BenchConfig
 from tp_bench.core.dist import env_rank
@@ -52,7 +52,7 @@ def _default_text(value: Any) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser,
-                         exclude: frozenset[str] = frozenset()) -> None:
+                         exclude: Collection[str] = ()) -> None:
     """One option per BenchConfig field (but those in ``exclude``)."""
     groups: dict[str, Any] = {}
     for f in BenchConfig.option_fields():

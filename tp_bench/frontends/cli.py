@@ -1,4 +1,5 @@
-"""Command line: ``tp-bench [run] [options]``, ``tp-bench models``, ``tp-bench compare``.
+"""Command line: ``tp-bench [run] [options]``, ``tp-bench models``, ``tp-bench compare``,
+``tp-bench plan`` and the others in ``SUBCOMMANDS``.
 
 ``benchmark.py`` and ``tp-bench`` share this entry point; with no subcommand the options are a
 benchmark run, exactly as the seed's ``benchmark.py`` takes them. Argument errors are reported
@@ -130,6 +131,12 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     return sweep.main(argv)
 
 
+def cmd_plan(argv: Sequence[str]) -> int:
+    from tp_bench.frontends import plan
+
+    return plan.main(argv)
+
+
 def cmd_selfcheck(argv: Sequence[str]) -> int:
     from tp_bench.frontends import selfcheck
 
@@ -143,6 +150,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "compare": cmd_compare,
     "gate": cmd_gate,
     "sweep": cmd_sweep,
+    "plan": cmd_plan,
     "selfcheck": cmd_selfcheck,
 }
 

@@ -36,11 +36,12 @@ from torch import nn
 
 from tp_bench.core.config import BenchConfig
 from tp_bench.core.data import Batch
-from tp_bench.core.dims import Mesh
+from tp_bench.core.dims import Mesh, ParallelDims
 from tp_bench.core.dist import rank0_print
 from tp_bench.core.precision import compute_policy, precision_record
 from tp_bench.models.base import BaseModelBuilder, canonical_param_name
 from tp_bench.strategies.base import Parallelized, StepStats, Strategy, Trainer
+from tp_bench.strategies.memory import FLAT, FLAT_TOUCHED, FLAT_WHOLE, Held, MemoryLayout
 from tp_bench.strategies.vocab_parallel import (VocabParallelEmbedding, VocabParallelLMHead,
                                                 vocab_parallel_causal_cross_entropy)
 
@@ -335,6 +336,52 @@ class DeepSpeedTrainer(Trainer):
                                   else None)}
 
 
+# zero_optimization.reduce_bucket_size, DeepSpeed's default: ZeRO 1 and 2 allocate a bucket of
+# this many gradient elements at every backward, whatever the model's size.
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+
+
+def memory_layout(cfg: BenchConfig, dims: ParallelDims) -> MemoryLayout:
+    """For the memory plan (engine.plan), as DeepSpeed 0.19 holds it (measured, docs/plan.md).
+
+    The module holds its tp shard in the compute dtype ("cast": bf16/fp16) or float32. ZeRO 0
+    with a low-precision module is DeepSpeed's FP16_UnfusedOptimizer: whole float32 masters and
+    AdamW state, float32 gradients made at the step. ZeRO 1/2 keep the module in one flat
+    buffer, float32 master and AdamW state split over dp, the gradients of the parameters in
+    this rank's partition (all of them at ZeRO 1 until the reduction, then the partition's),
+    and at the step a flat copy of them and its float32 conversion.
+    """
+    low = 2 if compute_policy(cfg.dtype, cfg.autocast) == "cast" else 4
+    vocab_parallel = bool(cfg.use_vocab_parallel) and dims.tp > 1
+    common = dict(build="full", vocab_parallel=vocab_parallel,
+                  loss="fused" if vocab_parallel else "hf", lm_head_split=True,
+                  logits_gathered=not vocab_parallel)
+    if cfg.zero_stage == 0:
+        if low == 4:        # the client AdamW on float32 parameters, gradients all-reduced
+            return MemoryLayout(params=Held(4), grads=Held(4), optimizer=Held(8),
+                                dp_grad_sync="all_reduce", **common)
+        # Set-up initializes AdamW's state through float32 (and low-precision) gradients.
+        # At the end of backward the gradients are flattened and converted to float32 to be
+        # all-reduced (at dp 1 too).
+        return MemoryLayout(params=Held(low), grads=Held(low), optimizer=Held(8),
+                            master=Held(4), step_extra=(Held(4),),
+                            setup_extra=(Held(8), Held(4), Held(low)),
+                            sync_extra=(Held(low), Held(low), Held(4)),
+                            dp_grad_sync="all_reduce", **common)
+    grads = Held(low, FLAT_TOUCHED)
+    # The step flattens this rank's gradients and converts the copy to float32 (one copy when
+    # they are float32 already).
+    step_extra = (Held(low, FLAT), Held(4, FLAT)) if low < 4 else (Held(4, FLAT),)
+    return MemoryLayout(
+        params=Held(low, FLAT_WHOLE), grads=grads, optimizer=Held(8, FLAT),
+        master=Held(4, FLAT), step_extra=step_extra,
+        setup_extra=(Held(4, FLAT),),          # zero gradients to initialize AdamW's state
+        backward_buffer=REDUCE_BUCKET_ELEMENTS * low,
+        sync_extra=(Held(4, FLAT_TOUCHED),),   # the gradients staged in float32
+        dp_grad_sync="reduce_scatter", grad_sync_per_micro_batch=cfg.zero_stage == 2,
+        dp_param_gather=True, **common)
+
+
 STRATEGY = Strategy(
     name="autotp",
     parallelize=parallelize,
@@ -346,4 +393,5 @@ STRATEGY = Strategy(
            "activation_checkpointing"),
     build_device=build_device,
     environment=lambda: {"autotp_api": AUTOTP_API},
+    memory=memory_layout,
 )

@@ -16,8 +16,9 @@ from torch import nn
 
 from tp_bench.core.config import BenchConfig
 from tp_bench.core.data import Batch
-from tp_bench.core.dims import Mesh
+from tp_bench.core.dims import Mesh, ParallelDims
 from tp_bench.models.base import BaseModelBuilder
+from tp_bench.strategies.memory import MemoryLayout
 
 Number = Union[torch.Tensor, float, None]
 
@@ -102,3 +103,6 @@ class Strategy:
     build_device: Callable[[BenchConfig, BaseModelBuilder, torch.device],
                            Union[torch.device, str]] = _on_device
     environment: Callable[[], dict[str, Any]] = field(default=dict)
+    # What a rank holds, for the memory plan (engine.plan, `tp-bench plan`); None: the plan
+    # shows the stack without numbers and never refuses its runs.
+    memory: Optional[Callable[[BenchConfig, ParallelDims], MemoryLayout]] = None

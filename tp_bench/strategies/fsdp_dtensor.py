@@ -24,14 +24,19 @@ import torch
 from torch import nn
 
 from tp_bench.core.config import BenchConfig
-from tp_bench.core.dims import Mesh
+from tp_bench.core.dims import Mesh, ParallelDims
 from tp_bench.core.precision import compute_policy
 from tp_bench.models.base import BaseModelBuilder
 from tp_bench.strategies.base import Parallelized, Strategy
+from tp_bench.strategies.memory import PER_PARAM, Held, MemoryLayout
 from tp_bench.strategies.dtensor_steps import (apply_activation_checkpointing, apply_compile,
                                                apply_fsdp, apply_tp_plan, fsdp_precision,
                                                loss_parallel_context, mixed_precision_policy)
 from tp_bench.strategies.torch_trainer import TorchTrainer
+
+
+def uses_fsdp(cfg: BenchConfig, dims: ParallelDims) -> bool:
+    return dims.dp > 1 or bool(cfg.fsdp_at_dp1) or compute_policy(cfg.dtype, cfg.autocast) == "cast"
 
 
 def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: BenchConfig,
@@ -39,8 +44,7 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
     dims = mesh.dims
     vocab_parallel = cfg.use_vocab_parallel and dims.tp > 1
     sequence_parallel = cfg.sequence_parallel and dims.tp > 1
-    policy = compute_policy(cfg.dtype, cfg.autocast)
-    use_fsdp = dims.dp > 1 or cfg.fsdp_at_dp1 or policy == "cast"
+    use_fsdp = uses_fsdp(cfg, dims)
     layers = builder.get_transformer_layers(model)
     applied, plan = [], None
     if dims.tp > 1:
@@ -73,6 +77,19 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
         contexts=(loss_parallel_context,) if vocab_parallel else ())
 
 
+def memory_layout(cfg: BenchConfig, dims: ParallelDims) -> MemoryLayout:
+    """For the memory plan (engine.plan): float32 parameters, gradients and AdamW state, each
+    parameter split over dp by FSDP2; the compute copies FSDP2 gathers (bf16 under "cast")."""
+    split = PER_PARAM if uses_fsdp(cfg, dims) else None
+    cast = compute_policy(cfg.dtype, cfg.autocast) == "cast"
+    return MemoryLayout(
+        params=Held(4, split), grads=Held(4, split), optimizer=Held(8, split),
+        gathered=(2 if cast else 4) if split else 0,
+        build="meta" if cfg.meta_init else "full",
+        sequence_parallel=bool(cfg.sequence_parallel) and dims.tp > 1,
+        vocab_parallel=bool(cfg.use_vocab_parallel) and dims.tp > 1)
+
+
 _TECHNIQUES = {
     "autocast": (False, True),
     "compile": (False, True),
@@ -86,7 +103,8 @@ STRATEGY = Strategy(
     trainer=TorchTrainer,
     options={"use_vocab_parallel": (True, False), "sequence_parallel": (True, False),
              "meta_init": (True, False), "fsdp_at_dp1": (False, True), **_TECHNIQUES},
-    sweep=("compile", "sequence_parallel", "use_vocab_parallel", "autocast", "optimizer_impl",
-           "activation_checkpointing"),
+    sweep=("autocast", "compile", "sequence_parallel", "use_vocab_parallel",
+           "activation_checkpointing", "optimizer_impl"),
     takes=frozenset({"dp_replicate"}),
+    memory=memory_layout,
 )
