@@ -25,6 +25,8 @@ CASES = {
                                  "--optimizer_impl", "foreach"]),
     "tp2-tied-embeddings": (2, ["--model_name", TINY_TIED]),
     "tp2-llama": (2, ["--model_name", TINY_LLAMA]),
+    # HSDP (replicate 2 x shard 1) with TP: torchtitan's ["dp_replicate", "fsdp"] mesh
+    "hsdp-rep2-tp2": (4, ["--dp_size", "2", "--dp_replicate", "2"]),
     # per-block compile (fullgraph) and the compiled loss-parallel cross-entropy
     "tp2-compile": (2, ["--compile", "--num_layers", "1", "--parity_steps", "3"]),
 }

@@ -66,7 +66,7 @@ class BenchConfig:
         "default on; no effect at tp 1)", PARALLEL)
     dp_replicate: int = _opt(1, "HSDP: replicate the parameter shards over this many groups of "
                              "the dp ranks (dp = replicate x shard; across nodes, shard within "
-                             "them; fsdp_dtensor)", PARALLEL)
+                             "them; fsdp_dtensor, torchtitan)", PARALLEL)
     allow_cross_node_tp: bool = _opt(False, "Allow TP groups that span nodes (refused otherwise: "
                                      "TP over the inter-node network is rarely wanted)",
                                      PARALLEL)

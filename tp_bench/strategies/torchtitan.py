@@ -85,9 +85,9 @@ def parallel_dims(dims: ParallelDims, device_type: str) -> Any:
     if cached is None or cached[0] is not world:
         # torchtitan takes its mesh device type from the accelerator it finds, else "cuda".
         tt_parallel_dims.device_type = device_type
-        pd = tt_parallel_dims.ParallelDims(dp_replicate=1, dp_shard=dims.dp, cp=1, tp=dims.tp,
-                                           pp=1, ep=1, world_size=dims.world_size,
-                                           spmd_backend=SPMD_BACKEND)
+        pd = tt_parallel_dims.ParallelDims(dp_replicate=dims.dp_replicate,
+                                           dp_shard=dims.dp_shard, cp=1, tp=dims.tp, pp=1, ep=1,
+                                           world_size=dims.world_size, spmd_backend=SPMD_BACKEND)
         pd.build_mesh()
         _PARALLEL_DIMS[(dims, device_type)] = cached = (world, pd)
     return cached[1]
@@ -113,7 +113,8 @@ def torchtitan_configs(cfg: BenchConfig, dims: ParallelDims) -> dict[str, Any]:
     cast = compute_policy(cfg.dtype, cfg.autocast) == "cast"
     return dict(
         parallelism=ParallelismConfig(
-            tensor_parallel_degree=dims.tp, data_parallel_shard_degree=dims.dp,
+            tensor_parallel_degree=dims.tp, data_parallel_replicate_degree=dims.dp_replicate,
+            data_parallel_shard_degree=dims.dp_shard,
             enable_sequence_parallel=bool(cfg.sequence_parallel) and dims.tp > 1,
             spmd_backend=SPMD_BACKEND),
         # "cast": FSDP2 casts parameters to bf16 for compute; gradients reduced in float32
@@ -163,7 +164,9 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
                                  f"(TP, activation checkpointing, compile, FSDP2)",
                   "spmd_backend": SPMD_BACKEND,
                   "vocab_parallel": dims.tp > 1, "sequence_parallel": sequence_parallel,
-                  "fsdp": fsdp_units(tt) + f" over dp {dims.dp}, sum reduction",
+                  "fsdp": fsdp_units(tt) + (f" over dp {dims.dp}" if dims.dp_replicate == 1
+                                            else f" (HSDP: replicate {dims.dp_replicate} x shard "
+                                                 f"{dims.dp_shard})") + ", sum reduction",
                   "mixed_precision_param": configs["training"].mixed_precision_param,
                   "activation_checkpointing": "FullAC" if cfg.activation_checkpointing
                   else False,
@@ -184,7 +187,8 @@ def _techniques(tt: TorchtitanModel, cfg: BenchConfig, dims: ParallelDims,
         applied.append("activation checkpointing (FullAC)")
     if cfg.compile:
         applied.append("per-block torch.compile" + (" + async TP" if cfg.async_tp else ""))
-    applied += [f"FSDP2 over dp {dims.dp}", "meta-device init"]
+    applied += [f"HSDP over dp {dims.dp_replicate} x {dims.dp_shard}" if dims.dp_replicate > 1
+                else f"FSDP2 over dp {dims.dp}", "meta-device init"]
     return applied
 
 
@@ -318,8 +322,9 @@ STRATEGY = Strategy(
     options={"use_vocab_parallel": (True,), "sequence_parallel": (True, False),
              "async_tp": (False, True), "autocast": (False, True), "compile": (False, True),
              "activation_checkpointing": (False, True), "optimizer_impl": ("fused", "foreach")},
-    sweep=("autocast", "compile", "sequence_parallel", "activation_checkpointing",
-           "optimizer_impl"),
+    sweep=("compile", "async_tp", "sequence_parallel", "autocast", "optimizer_impl",
+           "activation_checkpointing"),
+    takes=frozenset({"dp_replicate"}),
     environment=lambda: {"torchtitan": version()},
     check=check,
     build_model=build_model,
