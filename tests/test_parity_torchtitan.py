@@ -54,10 +54,10 @@ def test_parity_with_reference(tmp_path, case):
 def test_bf16_tracks_the_reference(tmp_path):
     """bf16 "cast" policy at tp=2. torchtitan's model rounds differently from HF's by design:
     its norms are torch's nn.RMSNorm (HF's upcast to float32 by hand and apply the weight after
-    casting back) and it applies RoPE in float32 (HF casts cos/sin to bf16). Measured on this model: step-0 loss 1.9e-4 apart, at most 5.8e-4
-    over 5 steps, grad norms 3.3e-3 apart (fsdp_dtensor, HF's own model, at the same settings:
-    2.4e-4, 2.6e-4 and 2.7e-3: bf16 rounding in the TP reductions is as large). Bounded at about
-    ten times that."""
+    casting back) and it applies RoPE in float32 (HF casts cos/sin to bf16). Measured on this
+    model: step-0 loss 1.9e-4 apart, at most 5.8e-4 over 5 steps, grad norms 3.3e-3 apart
+    (fsdp_dtensor, HF's own model, at the same settings: 2.4e-4, 2.6e-4 and 2.7e-3: bf16
+    rounding in the TP reductions is as large). Bounded at about ten times that."""
     proc, report = _parity(tmp_path, 2, "--dtype", "bfloat16")
     assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
     assert report["step0_loss_diff"] <= 2e-3

@@ -158,7 +158,7 @@ class Sweep:
         for name in strategy.sweep:
             values = list(strategy.options[name])
             if name in ("sequence_parallel", "use_vocab_parallel", "async_tp") and dims.tp == 1:
-                continue       # nothing to shard over tp at tp 1
+                continue       # nothing to shard or overlap over tp at tp 1
             if name == "zero_stage" and dims.dp == 1:
                 values = [v for v in values if v in (0, 1)]   # nothing to partition at dp 1
             knobs.append((name, values))
