@@ -17,4 +17,11 @@ else
   "$PY" -m pip install "torch==${TP_BENCH_CPU_TORCH:-2.13.0}" \
     ${TP_BENCH_TORCH_INDEX:+--index-url "$TP_BENCH_TORCH_INDEX"}
 fi
-"$PY" -m pip install -e ".[plot]"
+"$PY" -m pip install -e ".[plot,torchtitan]"
+# --impl torchtitan: torchtitan 0.3.0 without its trainer's dependencies (the extra above holds
+# what its models and parallelization import). It needs Python >= 3.11.
+if "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  "$PY" -m pip install --no-deps "torchtitan==0.3.0"
+else
+  echo "install: torchtitan needs Python >= 3.11; --impl torchtitan will not be available"
+fi

@@ -66,13 +66,17 @@ class BenchConfig:
         "default on; no effect at tp 1)", PARALLEL)
     dp_replicate: int = _opt(1, "HSDP: replicate the parameter shards over this many groups of "
                              "the dp ranks (dp = replicate x shard; across nodes, shard within "
-                             "them; fsdp_dtensor)", PARALLEL)
+                             "them; fsdp_dtensor, torchtitan)", PARALLEL)
     allow_cross_node_tp: bool = _opt(False, "Allow TP groups that span nodes (refused otherwise: "
                                      "TP over the inter-node network is rarely wanted)",
                                      PARALLEL)
     fsdp_at_dp1: Optional[bool] = _opt(
         None, "fsdp_dtensor: wrap with FSDP2 even when dp_size is 1 with --autocast or float32, "
         "where it only adds copies (for study; default off)", PARALLEL)
+    async_tp: Optional[bool] = _opt(
+        None, "torchtitan: asynchronous TP, inductor's micro-pipeline pass overlapping TP "
+        "collectives with matmuls over symmetric memory (needs CUDA, --compile and tp > 1; "
+        "default off)", PARALLEL)
     # Training
     batch_size: int = _opt(1, "Per-GPU micro batch size", TRAINING)
     seq_length: int = _opt(2048, "Sequence length", TRAINING)
@@ -172,7 +176,7 @@ class BenchConfig:
 
 # Options whose default depends on the impl (None until strategies.registry.resolve).
 IMPL_OPTIONS = ("zero_stage", "use_vocab_parallel", "sequence_parallel", "fsdp_at_dp1",
-                "meta_init")
+                "meta_init", "async_tp")
 # Options every impl takes with these values: how a stack trains, not which stack it is.
 TECHNIQUE_OPTIONS = ("compile", "activation_checkpointing", "autocast", "optimizer_impl")
 # Options only some impls take, with any value; the others must keep the default.

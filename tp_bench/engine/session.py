@@ -61,15 +61,12 @@ class Session:
         cfg, builder, device = self.cfg, self.builder, self.ctx.device
         start = time.perf_counter()
         self.mesh = build_mesh(cfg.dims, self.ctx.rank, device.type)
-        where = self.strategy.build_device(cfg, builder, device)
-        model = builder.create_model(where, torch.float32, num_layers=cfg.num_layers,
-                                     attn_impl=cfg.attn_impl)
-        if where != "meta":
-            builder.init_weights(model, cfg.seed)   # full values first, then sharded copies
-        self.parallelized = self.strategy.parallelize(model, builder, self.mesh, cfg, device)
-        if where == "meta":
-            builder.materialize(self.parallelized.model, device, cfg.seed)
-            self.parallelized.techniques.append("meta-device init")
+        if self.strategy.build_model is not None:
+            # The stack's own model definition; its parallelize materializes and initializes it.
+            model = self.strategy.build_model(cfg, builder, device)
+            self.parallelized = self.strategy.parallelize(model, builder, self.mesh, cfg, device)
+        else:
+            self.parallelized = self._parallelize_builder_model()
         self.trainer = self.strategy.trainer(self.parallelized, cfg, self.mesh, device)
         log.info("%s: %s", cfg.impl, ", ".join(self.parallelized.techniques) or "plain model")
         self.data = SyntheticData(self.model_config.vocab_size, cfg.batch_size, cfg.seq_length,
@@ -81,6 +78,20 @@ class Session:
         self.startup = {"setup_time_s": self.setup_time_s,
                         "launch_to_first_step_s": process_age_s(),
                         **setup_memory_gb(device)}
+
+    def _parallelize_builder_model(self) -> Parallelized:
+        """The builder's (HuggingFace) model, built where the strategy asks, then sharded."""
+        cfg, builder, device = self.cfg, self.builder, self.ctx.device
+        where = self.strategy.build_device(cfg, builder, device)
+        model = builder.create_model(where, torch.float32, num_layers=cfg.num_layers,
+                                     attn_impl=cfg.attn_impl)
+        if where != "meta":
+            builder.init_weights(model, cfg.seed)   # full values first, then sharded copies
+        parallelized = self.strategy.parallelize(model, builder, self.mesh, cfg, device)
+        if where == "meta":
+            builder.materialize(parallelized.model, device, cfg.seed)
+            parallelized.techniques.append("meta-device init")
+        return parallelized
 
     def driver(self, timing: str, per_step_memory: bool = True) -> StepDriver:
         """A step driver over the built session, its phases stamped in ``timing`` mode."""
@@ -129,6 +140,7 @@ def prepare(cfg: BenchConfig, ctx: DistContext) -> Session:
     model_config = builder.model_config(cfg.num_layers)
     cfg.dims.check_heads(cfg.model_name, model_config.num_attention_heads,
                          model_config.num_key_value_heads)
+    strategy.check(cfg, builder, ctx.device)
     if not cfg.force:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
         problem = None

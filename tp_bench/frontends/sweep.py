@@ -157,8 +157,8 @@ class Sweep:
         knobs = []
         for name in strategy.sweep:
             values = list(strategy.options[name])
-            if name in ("sequence_parallel", "use_vocab_parallel") and dims.tp == 1:
-                continue       # nothing to shard over tp at tp 1
+            if name in ("sequence_parallel", "use_vocab_parallel", "async_tp") and dims.tp == 1:
+                continue       # nothing to shard or overlap over tp at tp 1
             if name == "zero_stage" and dims.dp == 1:
                 values = [v for v in values if v in (0, 1)]   # nothing to partition at dp 1
             knobs.append((name, values))
@@ -266,7 +266,7 @@ class Sweep:
 
 
 _IMPL_KNOBS = {"zero_stage", "sequence_parallel", "use_vocab_parallel", "fsdp_at_dp1",
-               "meta_init"}
+               "meta_init", "async_tp"}
 
 
 def _portable(cmd: list[str]) -> list[str]:

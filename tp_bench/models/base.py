@@ -70,7 +70,7 @@ def _param_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def _write_full_value(param: torch.Tensor, full: torch.Tensor) -> None:
+def write_full_value(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full-size value into a parameter that may be a DTensor shard."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -194,7 +194,7 @@ class BaseModelBuilder(ABC):
         """
         for name, param in model.named_parameters():  # tied weights appear once
             full = self.initial_value(model, name, seed, param.device)
-            _write_full_value(param, full.to(param.dtype))
+            write_full_value(param, full.to(param.dtype))
         self.reset_buffers(model)
 
     def initial_value(self, model: nn.Module, name: str, seed: int,

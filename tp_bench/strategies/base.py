@@ -84,6 +84,10 @@ def _on_device(cfg: BenchConfig, builder: BaseModelBuilder,
     return "meta" if cfg.meta_init else device
 
 
+def _no_check(cfg: BenchConfig, builder: BaseModelBuilder, device: torch.device) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Strategy:
     """A stack, registered under ``name`` (strategies.registry)."""
@@ -106,3 +110,13 @@ class Strategy:
     # What a rank holds, for the memory plan (engine.plan, `tp-bench plan`); None: the plan
     # shows the stack without numbers and never refuses its runs.
     memory: Optional[Callable[[BenchConfig, ParallelDims], MemoryLayout]] = None
+    # What this stack cannot run, beyond its options (a model family, a device): raises
+    # ConfigError before any model is built (engine.session.prepare).
+    check: Callable[[BenchConfig, BaseModelBuilder, torch.device], None] = _no_check
+    # A stack that trains its framework's own model definition instead of the builder's
+    # HuggingFace model: builds it (on the meta device) from the builder's config. Its
+    # ``parallelize`` then gives it real storage and exactly the initial values every stack
+    # starts from (``BaseModelBuilder.initial_value``), so the engine neither initializes nor
+    # materializes it. None: the builder's model.
+    build_model: Optional[Callable[[BenchConfig, BaseModelBuilder, torch.device],
+                                   nn.Module]] = None

@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 _MODULES = {
     "autotp": "tp_bench.strategies.autotp",
     "fsdp_dtensor": "tp_bench.strategies.fsdp_dtensor",
+    "torchtitan": "tp_bench.strategies.torchtitan",
+}
+# Stacks whose framework is an optional extra: (package, how to install it). Without the package
+# the stack is not available, and asking for it says what to install.
+_EXTRAS = {
+    "torchtitan": ("torchtitan", "bash scripts/install.sh, or pip install "
+                   "'tp_bench[torchtitan]' and pip install --no-deps torchtitan==0.3.0"),
 }
 
 
@@ -29,14 +36,26 @@ def register(name: str, module: str) -> None:
 
 
 def available() -> list[str]:
-    """Registered strategies whose module can be found (not yet imported)."""
+    """Registered strategies whose module, and optional framework, can be found (not yet
+    imported)."""
     return sorted(n for n, module in _MODULES.items()
-                  if importlib.util.find_spec(module) is not None)
+                  if importlib.util.find_spec(module) is not None and _missing(n) is None)
+
+
+def _missing(name: str) -> "str | None":
+    """What to install for a stack whose optional framework is absent, else None."""
+    package, install = _EXTRAS.get(name, (None, None))
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    return f"--impl {name} needs the {package} package, which is not installed: {install}"
 
 
 def get(name: str) -> "Strategy":
     if name not in _MODULES:
         raise ConfigError(f"unknown --impl {name!r}; choose from {', '.join(available())}")
+    missing = _missing(name)
+    if missing:
+        raise ConfigError(missing)
     strategy = importlib.import_module(_MODULES[name]).STRATEGY
     if strategy.name != name:
         raise ConfigError(f"--impl {name}: module {_MODULES[name]} defines {strategy.name!r}")
