@@ -59,11 +59,15 @@ class Session:
         cfg, builder, device = self.cfg, self.builder, self.ctx.device
         start = time.perf_counter()
         self.mesh = build_mesh(cfg.dims, self.ctx.rank, device.type)
-        where = self.strategy.build_device(cfg, builder, device)
-        model = builder.create_model(where, torch.float32, num_layers=cfg.num_layers,
-                                     attn_impl=cfg.attn_impl)
-        if where != "meta":
-            builder.init_weights(model, cfg.seed)   # full values first, then sharded copies
+        if self.strategy.build_model is not None:   # the stack's framework builds and shards
+            where = device
+            model = self.strategy.build_model(builder, cfg, self.mesh, device)
+        else:
+            where = self.strategy.build_device(cfg, builder, device)
+            model = builder.create_model(where, torch.float32, num_layers=cfg.num_layers,
+                                         attn_impl=cfg.attn_impl)
+            if where != "meta":
+                builder.init_weights(model, cfg.seed)   # full values first, then sharded copies
         self.parallelized = self.strategy.parallelize(model, builder, self.mesh, cfg, device)
         if where == "meta":
             builder.materialize(self.parallelized.model, device, cfg.seed)
@@ -126,6 +130,7 @@ def prepare(cfg: BenchConfig, ctx: DistContext) -> Session:
     model_config = builder.model_config(cfg.num_layers)
     cfg.dims.check_heads(cfg.model_name, model_config.num_attention_heads,
                          model_config.num_key_value_heads)
+    strategy.check_config(cfg, builder)
     if ctx.device.type == "cpu" and not cfg.force:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
         check_host_fit(cfg, model_config, local_ranks)

@@ -83,6 +83,10 @@ def _on_device(cfg: BenchConfig, builder: BaseModelBuilder,
     return "meta" if cfg.meta_init else device
 
 
+def _accept(cfg: BenchConfig, builder: BaseModelBuilder) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Strategy:
     """A stack, registered under ``name`` (strategies.registry)."""
@@ -99,4 +103,12 @@ class Strategy:
     # Where the model is built: "meta" (sharded, then materialized by the engine) or a device.
     build_device: Callable[[BenchConfig, BaseModelBuilder, torch.device],
                            Union[torch.device, str]] = _on_device
+    # A stack whose framework builds and shards the model itself: returns it sharded, with the
+    # initial values of ``builder.init_weights`` in place; the engine then passes it to
+    # ``parallelize`` instead of building it with ``builder.create_model``.
+    build_model: Optional[Callable[[BaseModelBuilder, BenchConfig, Mesh, torch.device],
+                                   nn.Module]] = None
+    # Raises ConfigError for a configuration the stack cannot run (beyond ``options``): called
+    # while the run is validated, before any model is built.
+    check_config: Callable[[BenchConfig, BaseModelBuilder], None] = _accept
     environment: Callable[[], dict[str, Any]] = field(default=dict)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 _MODULES = {
     "autotp": "tp_bench.strategies.autotp",
     "fsdp_dtensor": "tp_bench.strategies.fsdp_dtensor",
+    "hf_native": "tp_bench.strategies.hf_native",
 }
 
 
