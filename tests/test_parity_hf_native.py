@@ -18,16 +18,21 @@ from tp_bench.engine.session import prepare
 from tp_bench.models import HFCausalLMBuilder
 from tp_bench.strategies import registry
 
-COMMON = ["-m", "tp_bench", "parity", "--impl", "hf_native", "--model_name", "tiny",
-          "--num_layers", "2", "--seq_length", "32", "--batch_size", "2",
-          "--learning_rate", "1e-3"]
+COMMON = ["-m", "tp_bench", "parity", "--impl", "hf_native", "--num_layers", "2",
+          "--seq_length", "32", "--batch_size", "2", "--learning_rate", "1e-3"]
 FLOAT32 = {
     # transformers' TP plan alone; then its FSDP2 over dp on top
     "tp2": (2, ["--parity_steps", "5"]),
     "dp2-tp2": (4, ["--dp_size", "2", "--parity_steps", "5"]),
-    # transformers' gradient checkpointing under its FSDP2, gradient sync once per 2 micro-batches
-    "dp2-tp2-ga2-ac": (4, ["--dp_size", "2", "--gradient_accumulation_steps", "2",
-                           "--activation_checkpointing", "--optimizer_impl", "foreach"]),
+    # transformers' gradient checkpointing under its FSDP2 (the q/k norms' gradient hook too)
+    "dp2-tp2-ac": (4, ["--dp_size", "2", "--activation_checkpointing",
+                       "--optimizer_impl", "foreach"]),
+    # one parameter for the embedding and lm_head, through transformers' TP and FSDP2 (Qwen3
+    # 0.6B-4B tie them)
+    "dp2-tp2-tied": (4, ["--dp_size", "2", "--model_name", "tests/data/tiny_qwen3_tied.json"]),
+    # gradient sync once per 2 micro-batches; Llama: no q/k norms (refused with them, below)
+    "dp2-tp2-ga2-llama": (4, ["--dp_size", "2", "--gradient_accumulation_steps", "2",
+                              "--model_name", "tests/data/tiny_llama.json"]),
 }
 BFLOAT16 = {
     # dp 1: FSDP2 over the size-1 dp mesh is the bf16 cast (transformers applies none there)
@@ -39,7 +44,8 @@ BFLOAT16 = {
 
 def _parity(tmp_path, nproc, *extra):
     report_path = tmp_path / "parity.json"
-    proc = torchrun(nproc, *COMMON, *extra, "--report", str(report_path), timeout=400)
+    model = [] if "--model_name" in extra else ["--model_name", "tiny"]
+    proc = torchrun(nproc, *COMMON, *model, *extra, "--report", str(report_path), timeout=400)
     assert report_path.exists(), proc.stdout + proc.stderr
     return proc, json.loads(report_path.read_text())
 
@@ -132,6 +138,11 @@ def test_options_it_does_not_offer_are_refused():
     with pytest.raises(ConfigError, match="bfloat16 only; use --dtype bfloat16, or --dtype "
                                           "float16 with --autocast"):
         prepare(BenchConfig(impl="hf_native", model_name="tiny", dtype="float16"), _ctx(2))
+    # transformers' q/k-norm gradient all-reduce counts earlier micro-batches tp times
+    with pytest.raises(ConfigError, match="cannot accumulate gradients at tp 2 on tiny: "
+                                          "transformers' replicated_with_grad_allreduce"):
+        prepare(BenchConfig(impl="hf_native", model_name="tiny", gradient_accumulation_steps=2),
+                _ctx(2))
 
 
 def test_an_older_transformers_gets_one_clear_message(monkeypatch):

@@ -55,7 +55,8 @@ class Session:
         return self.cfg.dims.coords(self.ctx.rank)[0]
 
     def setup(self) -> None:
-        """Build: mesh -> model (meta or real) -> parallelize -> materialize -> trainer."""
+        """Build: mesh -> model (meta or real, or the strategy's ``build_model``) ->
+        parallelize -> materialize -> trainer."""
         cfg, builder, device = self.cfg, self.builder, self.ctx.device
         start = time.perf_counter()
         self.mesh = build_mesh(cfg.dims, self.ctx.rank, device.type)

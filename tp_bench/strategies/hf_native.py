@@ -18,10 +18,10 @@ Versions (the installed transformers decides; ``check_config`` refuses older one
 - 5.24-style (``transformers.distributed.utils.initialize_distributed_mesh`` exists): one call
   builds transformers' own ("pp", "dp_replicate", "fsdp", "tp") mesh, tp innermost, applies TP
   and then FSDP2. A user mesh is ignored; its TP groups are our rows (checked after the build).
-- 5.17-style: ``from_pretrained`` applies TP only (``if tp: ... elif fsdp: ...``) and, without a
-  mesh, builds a 1-D TP mesh of the first tp ranks; so it gets our ("dp", "tp") mesh (it uses
-  ``mesh["tp"]``) and FSDP2 comes from transformers' ``apply_fully_sharded_data_parallelism``
-  over ``mesh["dp"]``: the same plan and policy.
+- 5.17-style: ``from_pretrained`` applies TP or else FSDP2 (``if tp: ... elif fsdp: ...``) and,
+  without a mesh, builds a 1-D TP mesh of the first tp ranks; so it gets our ("dp", "tp") mesh
+  (it uses ``mesh["tp"]``) and, at tp > 1, FSDP2 comes from transformers'
+  ``apply_fully_sharded_data_parallelism`` over ``mesh["dp"]``: the same plan and policy.
 
 What transformers does not offer is recorded, not added: no vocabulary-parallel loss (lm_head
 gathers full logits on every tp rank, the loss is the model's own), no sequence parallelism
@@ -54,6 +54,7 @@ from tp_bench.strategies.dtensor_steps import apply_fsdp, mixed_precision_policy
 from tp_bench.strategies.torch_trainer import TorchTrainer
 
 MIN_TRANSFORMERS = "5.17"
+GRAD_ALLREDUCE = "replicated_with_grad_allreduce"   # a TP style that breaks accumulation
 API = ("Model.from_pretrained(None, config=..., state_dict={}, "
        "distributed_config=DistributedConfig(tp_size=tp, fsdp_size=dp))")
 NOT_OFFERED = ("transformers offers no vocabulary-parallel loss (its lm_head gathers the full "
@@ -93,6 +94,14 @@ def check_config(cfg: BenchConfig, builder: BaseModelBuilder) -> None:
                           f"for model_type {text_config.model_type!r} (its config's "
                           f"base_model_tp_plan is empty), so --impl hf_native cannot shard it "
                           f"over tp {dims.tp}; use --impl fsdp_dtensor or autotp")
+    styles = set((getattr(text_config, "base_model_tp_plan", None) or {}).values())
+    if dims.tp > 1 and cfg.gradient_accumulation_steps > 1 and GRAD_ALLREDUCE in styles:
+        # Measured at tp 2, 2 micro-batches: the q_norm gradient 72% off the reference.
+        raise ConfigError(f"--impl hf_native cannot accumulate gradients at tp {dims.tp} on "
+                          f"{cfg.model_name}: transformers' {GRAD_ALLREDUCE} (its q/k norms) "
+                          f"all-reduces the whole accumulated gradient after every micro-batch, "
+                          f"so earlier micro-batches count tp times; use "
+                          f"--gradient_accumulation_steps 1")
     if dims.dp > 1 and not getattr(text_config, "base_model_fsdp_plan", None):
         raise ConfigError(f"{cfg.model_name}: transformers {version} has no FSDP plan for "
                           f"model_type {text_config.model_type!r} (base_model_fsdp_plan), so "
@@ -144,7 +153,8 @@ def build_model(builder: BaseModelBuilder, cfg: BenchConfig, mesh: Mesh,
         kwargs["device_mesh"] = mesh.device_mesh   # 5.17 uses its "tp" dim
     with _quiet_transformers():
         model = model_cls.from_pretrained(None, **kwargs)
-        if not own_mesh and dims.dp > 1:
+        if not own_mesh and dims.dp > 1 and dims.tp > 1:
+            # 5.17 applies FSDP2 itself only without TP (then on a dp mesh of its own)
             from transformers.distributed.fsdp import apply_fully_sharded_data_parallelism
 
             model = apply_fully_sharded_data_parallelism(model, mesh.dp_mesh)
