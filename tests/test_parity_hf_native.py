@@ -145,6 +145,22 @@ def test_options_it_does_not_offer_are_refused():
                 _ctx(2))
 
 
+def test_tied_embeddings_over_dp_and_tp_need_the_one_call_route(monkeypatch):
+    """transformers 5.17 applies TP or FSDP2 inside from_pretrained, not both; its FSDP2 helper
+    applied after loading splits a tied embedding and lm_head (found by the build's parameter
+    name check), so that combination is refused there."""
+    builder = HFCausalLMBuilder("tests/data/tiny_qwen3_tied.json")
+    cfg = registry.resolve(BenchConfig(impl="hf_native", model_name=builder.model_name,
+                                       dp_size=2).validate(4))
+    strategy = registry.get("hf_native")
+    module = importlib.import_module(strategy.check_config.__module__)
+    if module.builds_its_own_mesh():   # 5.24: TP + FSDP2 in one call keeps the tie
+        strategy.check_config(cfg, builder)
+    monkeypatch.setattr(module, "builds_its_own_mesh", lambda: False)
+    with pytest.raises(ConfigError, match="splits .* tied embedding and lm_head"):
+        strategy.check_config(cfg, builder)
+
+
 def test_an_older_transformers_gets_one_clear_message(monkeypatch):
     builder = HFCausalLMBuilder("tiny")
     cfg = registry.resolve(BenchConfig(impl="hf_native", model_name="tiny").validate(2))

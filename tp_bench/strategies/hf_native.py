@@ -102,6 +102,12 @@ def check_config(cfg: BenchConfig, builder: BaseModelBuilder) -> None:
                           f"all-reduces the whole accumulated gradient after every micro-batch, "
                           f"so earlier micro-batches count tp times; use "
                           f"--gradient_accumulation_steps 1")
+    if (dims.dp > 1 and dims.tp > 1 and getattr(builder.hf_config, "tie_word_embeddings", False)
+            and not builds_its_own_mesh()):
+        raise ConfigError(f"--impl hf_native with transformers {version}: its from_pretrained "
+                          f"applies TP or FSDP2, not both, and FSDP2 applied after loading splits "
+                          f"{cfg.model_name}'s tied embedding and lm_head into two parameters; "
+                          f"use dp 1 or tp 1 here, or transformers 5.24")
     if dims.dp > 1 and not getattr(text_config, "base_model_fsdp_plan", None):
         raise ConfigError(f"{cfg.model_name}: transformers {version} has no FSDP plan for "
                           f"model_type {text_config.model_type!r} (base_model_fsdp_plan), so "
