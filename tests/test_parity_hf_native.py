@@ -24,9 +24,10 @@ FLOAT32 = {
     # transformers' TP plan alone; then its FSDP2 over dp on top
     "tp2": (2, ["--parity_steps", "5"]),
     "dp2-tp2": (4, ["--dp_size", "2", "--parity_steps", "5"]),
-    # transformers' gradient checkpointing under its FSDP2 (the q/k norms' gradient hook too)
-    "dp2-tp2-ac": (4, ["--dp_size", "2", "--activation_checkpointing",
-                       "--optimizer_impl", "foreach"]),
+    # transformers' gradient checkpointing and per-layer compile under its FSDP2 (the q/k
+    # norms' gradient hook too)
+    "dp2-tp2-ac-compile": (4, ["--dp_size", "2", "--activation_checkpointing", "--compile",
+                               "--optimizer_impl", "foreach"]),
     # one parameter for the embedding and lm_head, through transformers' TP and FSDP2 (Qwen3
     # 0.6B-4B tie them)
     "dp2-tp2-tied": (4, ["--dp_size", "2", "--model_name", "tests/data/tiny_qwen3_tied.json"]),
@@ -125,14 +126,14 @@ def _ctx(world):
 
 def test_options_it_does_not_offer_are_refused():
     cfg = registry.resolve(BenchConfig(impl="hf_native"))
-    assert (cfg.use_vocab_parallel, cfg.sequence_parallel, cfg.compile) == (False, False, False)
+    assert (cfg.use_vocab_parallel, cfg.sequence_parallel) == (False, False)
     for option, message in (
             ({"use_vocab_parallel": True}, "--use_vocab_parallel true is not offered by "
                                            "--impl hf_native (it takes false)"),
             ({"sequence_parallel": True}, "--sequence_parallel true is not offered"),
             ({"zero_stage": 1}, "--zero_stage does not apply to --impl hf_native"),
             ({"meta_init": False}, "--meta_init does not apply to --impl hf_native"),
-            ({"compile": True}, "--compile true is not offered by --impl hf_native")):
+            ({"fsdp_at_dp1": True}, "--fsdp_at_dp1 does not apply to --impl hf_native")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             registry.resolve(BenchConfig(impl="hf_native", **option))
     with pytest.raises(ConfigError, match="bfloat16 only; use --dtype bfloat16, or --dtype "

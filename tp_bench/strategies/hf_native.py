@@ -50,7 +50,7 @@ from tp_bench.core.errors import ConfigError
 from tp_bench.core.precision import compute_policy, precision_record
 from tp_bench.models.base import BaseModelBuilder
 from tp_bench.strategies.base import Parallelized, Strategy
-from tp_bench.strategies.dtensor_steps import apply_fsdp, mixed_precision_policy
+from tp_bench.strategies.dtensor_steps import apply_compile, apply_fsdp, mixed_precision_policy
 from tp_bench.strategies.torch_trainer import TorchTrainer
 
 MIN_TRANSFORMERS = "5.17"
@@ -219,24 +219,28 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
                 device: torch.device) -> Parallelized:
     dims = mesh.dims
     policy = compute_policy(cfg.dtype, cfg.autocast)
+    layers = builder.get_transformer_layers(model)
     applied = []
     if dims.tp > 1:
         applied.append(f"transformers TP {dims.tp} (base_model_tp_plan)")
     if dims.dp > 1:
         applied.append(f"transformers FSDP2 over dp {dims.dp} (fsdp_plan)")
-        mechanism = ("transformers FSDP2 mixed precision (DistributedConfig."
-                     "fsdp_mixed_precision)") if policy == "cast" else None
-    elif policy == "cast":
-        # transformers applies no precision policy without FSDP: the one fsdp_dtensor uses.
-        apply_fsdp(model, builder.get_transformer_layers(model), _dp_mesh(model, mesh),
-                   mixed_precision_policy(cfg.dtype, cfg.autocast))
-        applied.append("FSDP2 at dp 1 as the bf16 cast (tp_bench: transformers has none)")
-        mechanism = "fsdp2_mixed_precision (tp_bench's fully_shard at dp 1)"
-    if policy != "cast":
-        mechanism = {"none": "none", "autocast": "torch.autocast"}[policy]
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         applied.append("activation checkpointing (transformers gradient_checkpointing_enable)")
+    if cfg.compile:
+        # In place, per layer; at dp > 1 after transformers' FSDP2, whose hooks dynamo skips.
+        apply_compile(layers)
+        applied.append("per-layer torch.compile")
+    mechanism = {"none": "none", "autocast": "torch.autocast"}.get(policy)
+    if policy == "cast" and dims.dp > 1:
+        mechanism = "transformers FSDP2 mixed precision (DistributedConfig.fsdp_mixed_precision)"
+    elif policy == "cast":
+        # transformers applies no precision policy without FSDP: the one fsdp_dtensor uses.
+        apply_fsdp(model, layers, _dp_mesh(model, mesh),
+                   mixed_precision_policy(cfg.dtype, cfg.autocast))
+        applied.append("FSDP2 at dp 1 as the bf16 cast (tp_bench: transformers has none)")
+        mechanism = "fsdp2_mixed_precision (tp_bench's fully_shard at dp 1)"
     return Parallelized(
         model=model,
         plan=applied_plan(model) if dims.tp > 1 else None,
@@ -248,7 +252,8 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
                   "fsdp": "transformers FSDP2 (its fsdp_plan) over dp" if dims.dp > 1 else
                           ("fully_shard per layer + root at dp 1" if policy == "cast" else None),
                   "activation_checkpointing": cfg.activation_checkpointing,
-                  "compile": None, "meta_init": True},   # from_pretrained builds on meta
+                  "compile": "per transformer layer" if cfg.compile else None,
+                  "meta_init": True},   # from_pretrained builds on meta
         precision=precision_record(cfg.dtype, cfg.autocast, "float32", mechanism, None))
 
 
@@ -263,9 +268,9 @@ STRATEGY = Strategy(
     parallelize=parallelize,
     trainer=TorchTrainer,
     options={"use_vocab_parallel": (False,), "sequence_parallel": (False,),
-             "autocast": (False, True), "compile": (False,),
+             "autocast": (False, True), "compile": (False, True),
              "activation_checkpointing": (False, True), "optimizer_impl": ("fused", "foreach")},
-    sweep=("autocast", "activation_checkpointing", "optimizer_impl"),
+    sweep=("autocast", "compile", "activation_checkpointing", "optimizer_impl"),
     build_model=build_model,
     check_config=check_config,
     environment=environment,
