@@ -45,3 +45,30 @@ def start_python(*args: str, env: dict | None = None,
     return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd or REPO,
                             start_new_session=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nodes(nodes: list[str], nproc_per_node: int, *args: str, env: dict | None = None,
+                cwd: str | os.PathLike | None = None) -> list[subprocess.Popen]:
+    """One torchrun agent per "node", all on 127.0.0.1, meeting through c10d rendezvous, each
+    with its own node identity (TP_BENCH_NODE_NAME), in process groups of their own."""
+    port, run_id = free_port(), f"test{os.getpid()}{free_port()}"
+    procs = []
+    for name in nodes:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(nodes)}",
+               f"--nproc_per_node={nproc_per_node}", "--rdzv_backend=c10d",
+               f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={run_id}", "--max_restarts=0",
+               *args]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                    "TP_BENCH_NODE_NAME": name, **(env or {})}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=full_env, cwd=cwd or REPO,
+                                      start_new_session=True))
+    return procs

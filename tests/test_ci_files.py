@@ -16,7 +16,7 @@ def test_workflow_gates_and_uploads():
     steps = workflow["jobs"]["benchmark"]["steps"]
     runs = "\n".join(step.get("run", "") for step in steps)
     assert "ci/run_suite.sh out/benchmarks.json" in runs
-    assert 'tp-bench gate "$BASELINE" out/benchmarks.json' in runs
+    assert 'tp-bench gate --history "$BASELINE" out/benchmarks.json' in runs
     assert "--plot out/plots" in runs
     upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact"))
     assert "out/benchmarks.json" in upload["with"]["path"] and upload["if"] == "${{ !cancelled() }}"

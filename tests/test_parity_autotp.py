@@ -1,5 +1,5 @@
 """autotp trains the same model as a single-process reference (CPU, gloo, float32), at tp=2 and
-dp=2 x tp=2, ZeRO 0/1/2, with and without vocabulary parallelism; DeepSpeed's groups are the
+dp=2 x tp=2, ZeRO 0/1/2/3, with and without vocabulary parallelism; DeepSpeed's groups are the
 seed's rows and columns; and both strategies start from the same loss."""
 
 import json
@@ -32,6 +32,10 @@ CASES = {
     "dp2-tp2-zero2-ga2-ac": (4, ["--model_name", "tiny", "--dp_size", "2", "--zero_stage", "2",
                                  "--gradient_accumulation_steps", "2",
                                  "--activation_checkpointing"]),
+    "tp2-zero3": (2, ["--model_name", "tiny", "--zero_stage", "3"]),
+    "dp2-tp2-zero3-ga2-ac": (4, ["--model_name", "tiny", "--dp_size", "2", "--zero_stage", "3",
+                                 "--gradient_accumulation_steps", "2",
+                                 "--activation_checkpointing"]),
     "tp2-tied-embeddings": (2, ["--model_name", TINY_TIED]),
     "tp2-tied-embeddings-no-vocab": (2, ["--model_name", TINY_TIED, "--no_vocab_parallel"]),
     "tp2-llama": (2, ["--model_name", TINY_LLAMA]),
@@ -58,15 +62,16 @@ def test_parity_with_reference(tmp_path, case):
     assert report["loss_change"] > 0.3
 
 
-@pytest.mark.parametrize("impl", ["autotp", "fsdp_dtensor"])
-def test_bf16_cast_policy_starts_from_exact_master_weights(tmp_path, impl):
+@pytest.mark.parametrize("impl, extra", [("autotp", []), ("autotp", ["--zero_stage", "3"]),
+                                         ("fsdp_dtensor", [])])
+def test_bf16_cast_policy_starts_from_exact_master_weights(tmp_path, impl, extra):
     """bf16 "cast" policy at lr 1e-5: updates are far below the bf16 grid step, so a master
     copy that started on the grid (DeepSpeed's, unless restored) trains measurably slower
     (max loss diff 1.8e-2 here) than the reference; from exact values both stay within 1e-3."""
     report_path = tmp_path / "parity.json"
     proc = torchrun(1, "-m", "tp_bench", "parity", "--impl", impl, "--model_name", TINY_TIED,
                     "--num_layers", "2", "--seq_length", "64", "--batch_size", "2",
-                    "--dtype", "bfloat16", "--learning_rate", "1e-5",
+                    "--dtype", "bfloat16", "--learning_rate", "1e-5", *extra,
                     "--report", str(report_path), timeout=300)
     report = json.loads(report_path.read_text())
     assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr

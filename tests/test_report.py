@@ -72,7 +72,7 @@ def test_markdown_and_json_formats(tmp_path):
     b = write(tmp_path, "b.json", make_doc(step_s=0.2))
     comparison = report.compare([a, b])
     md = report.format_markdown(comparison).splitlines()
-    assert md[0].startswith("| # | impl | mesh | model | seq | batch | precision")
+    assert md[0].startswith("| # | impl | mesh | nodes x ranks | model | seq | batch | precision")
     assert md[1].startswith("| --- |") and md[1].endswith("---: |")
     assert md[3].count("|") == md[0].count("|") and "| 0.50x |" in md[3]
     doc = json.loads(report.format_json(comparison))
@@ -109,7 +109,7 @@ def test_compare_cpu_runs_end_to_end(cpu_runs, tmp_path):
                   "markdown", "--plot", str(tmp_path / "plots"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[2].startswith("| 1 | fsdp_dtensor | dp1xtp1 | tiny (4L) | 64 | 2 | "
+    assert lines[2].startswith("| 1 | fsdp_dtensor | dp1xtp1 | 1x1 | tiny (4L) | 64 | 2 | "
                                "bf16/fp32/fp32 |")
     ratio = float(lines[3].split("|")[-3].strip().rstrip("x"))
     assert ratio < 0.8                # the slowed run: about a third of the throughput

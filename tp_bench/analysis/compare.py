@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from tp_bench.core.dims import ParallelDims
 from tp_bench.core.errors import ConfigError
 
 # 1: the first version; 2: impl-specific options null where they do not apply, the applied root
@@ -51,7 +52,18 @@ class Run:
 
     @property
     def mesh(self) -> str:
-        return f"dp{self.config['dp_size']}xtp{self.config['tp_size']}"
+        c = self.config
+        return ParallelDims(c["dp_size"], c["tp_size"], c.get("dp_replicate") or 1).label
+
+    @property
+    def nodes(self) -> str:
+        """nodes x ranks per node, from the topology the run recorded (``?`` before schema 2)."""
+        topology = (self.doc.get("environment") or {}).get("topology")
+        if not topology:
+            return "?"
+        per_node = set(topology["ranks_per_node"].values())
+        ranks = per_node.pop() if len(per_node) == 1 else "mixed"
+        return f"{topology['nodes']}x{ranks}"
 
     @property
     def short_label(self) -> str:
@@ -202,6 +214,7 @@ def run_row(run: Run, baseline: Run) -> dict[str, Any]:
         "status": run_status(doc),
         "impl": cfg["impl"],
         "mesh": run.mesh,
+        "nodes": run.nodes,
         "model": model_label(doc),
         "seq_length": cfg["seq_length"],
         "batch_size": cfg["batch_size"],
@@ -328,7 +341,7 @@ def _ratio_text(row: dict[str, Any], key: str) -> str:
 
 def table_cells(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     base = comparison.baseline.index
-    header = ["#", "impl", "mesh", "model", "seq", "batch", "precision c/m/r", "tok/s",
+    header = ["#", "impl", "mesh", "nodes x ranks", "model", "seq", "batch", "precision c/m/r", "tok/s",
               "tok/s/GPU", "step ms (median)", "IQR", "fwd/bwd/opt %", "peak GB", "MFU",
               "final loss", f"tok/s vs #{base}", f"mem vs #{base}"]
     body = []
@@ -338,7 +351,7 @@ def table_cells(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
             batch += f"x{row['gradient_accumulation_steps']}"
         status = "" if row["status"] == "complete" else f" ({row['status']})"
         body.append([
-            f"{row['run']}{status}", row["impl"], row["mesh"], row["model"],
+            f"{row['run']}{status}", row["impl"], row["mesh"], row["nodes"], row["model"],
             str(row["seq_length"]), batch, row["precision"], _num(row["tokens_per_sec"]),
             _num(row["tokens_per_sec_per_gpu"]), _fmt(row["step_ms_median"], ".1f"),
             _fmt(row["step_spread_pct"], ".0f", "%"), _phases(row),
@@ -350,7 +363,7 @@ def table_cells(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
 
 
 # Columns that hold numbers are right-aligned.
-_LEFT_COLUMNS = 7
+_LEFT_COLUMNS = 8
 
 
 def format_table(comparison: Comparison) -> str:

@@ -223,3 +223,45 @@ def write_plots(comparison: Comparison, out_dir: str | Path) -> list[Path]:
         written.append(path)
     return written
 
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (memory, throughput) points no other point beats on both: less memory and more
+    throughput. Sorted by memory."""
+    front: list[tuple[float, float]] = []
+    for memory, rate in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or rate > front[-1][1]:
+            front.append((memory, rate))
+    return front
+
+
+def sweep_scatter(summary: dict, path: str | Path) -> Path:
+    """tokens/s against peak memory, one colour per impl, each impl's Pareto front drawn and its
+    best configuration circled (``tp-bench sweep --plot``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    rows = [r for r in summary["configurations"]
+            if r["outcome"] == "ok" and r["tokens_per_sec"] and r["peak_memory_gb"] is not None]
+    best_ids = {b["id"] for b in summary["best"].values()}
+    for n, impl in enumerate(sorted({r["impl"] for r in rows})):
+        color = f"C{n}"
+        mine = [r for r in rows if r["impl"] == impl]
+        ax.scatter([r["peak_memory_gb"] for r in mine], [r["tokens_per_sec"] for r in mine],
+                   color=color, label=impl, alpha=0.7)
+        front = pareto_front([(r["peak_memory_gb"], r["tokens_per_sec"]) for r in mine])
+        ax.plot([m for m, _ in front], [t for _, t in front], color=color, linestyle="--",
+                linewidth=1)
+        for r in mine:
+            if r["id"] in best_ids:
+                ax.scatter([r["peak_memory_gb"]], [r["tokens_per_sec"]], s=200,
+                           facecolors="none", edgecolors=color, linewidths=2)
+    ax.set_xlabel("peak memory per rank (GB)")
+    ax.set_ylabel("tokens/s (median step)")
+    ax.set_title(f"sweep: {summary['model']} (dashed: Pareto front, circled: best)")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

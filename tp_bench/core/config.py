@@ -64,6 +64,12 @@ class BenchConfig:
     sequence_parallel: Optional[bool] = _opt(
         None, "Norms and the residual stream sharded on the sequence dim over tp (fsdp_dtensor; "
         "default on; no effect at tp 1)", PARALLEL)
+    dp_replicate: int = _opt(1, "HSDP: replicate the parameter shards over this many groups of "
+                             "the dp ranks (dp = replicate x shard; across nodes, shard within "
+                             "them; fsdp_dtensor)", PARALLEL)
+    allow_cross_node_tp: bool = _opt(False, "Allow TP groups that span nodes (refused otherwise: "
+                                     "TP over the inter-node network is rarely wanted)",
+                                     PARALLEL)
     fsdp_at_dp1: Optional[bool] = _opt(
         None, "fsdp_dtensor: wrap with FSDP2 even when dp_size is 1 with --autocast or float32, "
         "where it only adds copies (for study; default off)", PARALLEL)
@@ -133,7 +139,7 @@ class BenchConfig:
                                                  and self.peak_tflops > 0):
             raise ConfigError(f"--peak_tflops must be a finite number > 0 (got "
                               f"{self.peak_tflops})")
-        dims = ParallelDims.resolve(world_size, self.dp_size, self.tp_size)
+        dims = ParallelDims.resolve(world_size, self.dp_size, self.tp_size, self.dp_replicate)
         if self.attn_impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("--attn_impl flash_attention_2 needs the flash_attn package, "
                               "which is not installed; use sdpa")
@@ -144,7 +150,7 @@ class BenchConfig:
         """The parallel degrees of a validated config."""
         if self.tp_size is None:
             raise ValueError("tp_size is resolved by validate()")
-        return ParallelDims(dp=self.dp_size, tp=self.tp_size)
+        return ParallelDims(dp=self.dp_size, tp=self.tp_size, dp_replicate=self.dp_replicate)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -169,3 +175,5 @@ IMPL_OPTIONS = ("zero_stage", "use_vocab_parallel", "sequence_parallel", "fsdp_a
                 "meta_init")
 # Options every impl takes with these values: how a stack trains, not which stack it is.
 TECHNIQUE_OPTIONS = ("compile", "activation_checkpointing", "autocast", "optimizer_impl")
+# Options only some impls take, with any value; the others must keep the default.
+FREE_OPTIONS = ("dp_replicate",)

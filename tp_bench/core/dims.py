@@ -1,13 +1,17 @@
 """The parallel degrees and the device mesh: their one owner.
 
 ``ParallelDims`` is (dp, tp), validated once, with the label ``dp{D}xtp{T}`` used everywhere (log
-lines, results, suite ids and groups, comparisons). It is torch-free: the pytest plugin parses
-meshes at start-up in every pytest run.
+lines, results, suite ids and groups, comparisons). Data parallelism may be hybrid (HSDP,
+``dp_replicate`` R > 1): dp = R x S, parameters sharded over S ranks and replicated over R,
+labelled ``dp{R}x{S}xtp{T}``. It is torch-free: the pytest plugin parses meshes at start-up in
+every pytest run.
 
 ``Mesh`` is a ParallelDims placed on the process group: the ("dp", "tp") DeviceMesh with tp
 innermost, so rank r sits at (r // tp, r % tp): TP groups are rows of consecutive ranks, DP groups
-columns, as in the seed's picture. Each (dims, device type) is built once per process and
-reused: communicators hold device memory and are never freed before the process group is.
+columns, as in the seed's picture. With HSDP the mesh is ("dp_replicate", "dp_shard", "tp"):
+tp innermost, then shard, then replicate, and "dp" is the flattened pair. Each (dims, device
+type) is built once per process and reused: communicators hold device memory and are never
+freed before the process group is.
 """
 
 from __future__ import annotations
@@ -22,13 +26,20 @@ from tp_bench.core.errors import ConfigError
 class ParallelDims:
     dp: int
     tp: int
+    dp_replicate: int = 1        # HSDP: replicas of the parameter shards (dp = replicate x shard)
 
     @property
     def world_size(self) -> int:
         return self.dp * self.tp
 
     @property
+    def dp_shard(self) -> int:
+        return self.dp // self.dp_replicate
+
+    @property
     def label(self) -> str:
+        if self.dp_replicate > 1:
+            return f"dp{self.dp_replicate}x{self.dp_shard}xtp{self.tp}"
         return f"dp{self.dp}xtp{self.tp}"
 
     def coords(self, rank: int) -> tuple[int, int]:
@@ -45,8 +56,11 @@ class ParallelDims:
         return list(range(rank % self.tp, self.world_size, self.tp))
 
     @classmethod
-    def resolve(cls, world_size: int, dp: int, tp: Optional[int]) -> "ParallelDims":
+    def resolve(cls, world_size: int, dp: int, tp: Optional[int],
+                dp_replicate: int = 1) -> "ParallelDims":
         """The seed's rule: tp defaults to world / dp, and dp x tp must be the world size."""
+        if dp_replicate < 1 or dp % dp_replicate:
+            raise ConfigError(f"--dp_replicate {dp_replicate} must divide --dp_size {dp}")
         if dp < 1:
             raise ConfigError(f"--dp_size must be >= 1 (got {dp})")
         if tp is None:
@@ -58,7 +72,7 @@ class ParallelDims:
         if dp * tp != world_size:
             raise ConfigError(f"dp_size * tp_size must equal the world size: {dp} * {tp} = "
                               f"{dp * tp}, but {world_size} processes were launched")
-        return cls(dp, tp)
+        return cls(dp, tp, dp_replicate)
 
     @classmethod
     def parse(cls, text: str) -> "ParallelDims":
@@ -103,7 +117,15 @@ class Mesh:
 
     @property
     def dp_mesh(self) -> Any:
+        """Every data-parallel rank of this tp position (the batch and the loss's dp mean)."""
         return self.device_mesh["dp"]
+
+    @property
+    def fsdp_mesh(self) -> Any:
+        """What FSDP2 shards over: the dp mesh, or (replicate, shard) for HSDP."""
+        if self.dims.dp_replicate > 1:
+            return self.device_mesh["dp_replicate", "dp_shard"]
+        return self.dp_mesh
 
     @property
     def tp_group(self) -> Any:
@@ -123,8 +145,13 @@ def build_mesh(dims: ParallelDims, rank: int, device_type: str) -> Mesh:
     if key not in _DEVICE_MESHES:
         from torch.distributed.device_mesh import init_device_mesh
 
-        _DEVICE_MESHES[key] = init_device_mesh(device_type, (dims.dp, dims.tp),
-                                               mesh_dim_names=("dp", "tp"))
+        if dims.dp_replicate > 1:
+            mesh = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard, dims.tp),
+                                    mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+            mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        else:
+            mesh = init_device_mesh(device_type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+        _DEVICE_MESHES[key] = mesh
     return Mesh(dims, rank, _DEVICE_MESHES[key])
 
 

@@ -97,3 +97,13 @@ def from_rank0(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_ranks(value: T) -> list[T]:
+    """Every rank's ``value``, by rank (a collective; for set-up, not the hot path)."""
+    dist = _group()
+    if dist is None or dist.get_world_size() == 1:
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

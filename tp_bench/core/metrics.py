@@ -160,6 +160,7 @@ class StepRecord:
     tflops_per_gpu: float
     mfu: Optional[float]
     grad_norm: Optional[float]
+    slowest_rank: Optional[int] = None   # whose step time this is (the step is the slowest's)
 
     def to_dict(self) -> dict:
         return asdict(self)

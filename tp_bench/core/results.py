@@ -35,8 +35,10 @@ SEED_SUMMARY_KEYS = ("num_steps", "avg_step_time_ms", "std_step_time_ms", "avg_t
                      "timing_breakdown")
 
 
-def result_path(output_dir: str | os.PathLike, impl: str, tp_size: int, dp_size: int) -> Path:
-    return Path(output_dir) / f"results_{impl}_tp{tp_size}_dp{dp_size}.json"
+def result_path(output_dir: str | os.PathLike, impl: str, tp_size: int, dp_size: int,
+                dp_replicate: int = 1) -> Path:
+    replicate = f"_rep{dp_replicate}" if dp_replicate > 1 else ""
+    return Path(output_dir) / f"results_{impl}_tp{tp_size}_dp{dp_size}{replicate}.json"
 
 
 def summarize(steps: Sequence[dict[str, Any]], tokens_per_step: int, samples_per_step: int,
@@ -86,7 +88,17 @@ def summarize(steps: Sequence[dict[str, Any]], tokens_per_step: int, samples_per
         "avg_tokens_per_sec_per_gpu": tokens_per_sec / world_size,
         "tflops_per_gpu": tflops,
         "mfu": tflops / peak_tflops if peak_tflops else None,
+        "slowest_rank": _slowest_rank(steps),
     }
+
+
+def _slowest_rank(steps: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The rank whose step time was the step's most often (None for a world of one)."""
+    ranks = [s.get("slowest_rank") for s in steps if s.get("slowest_rank") is not None]
+    if not ranks:
+        return None
+    rank = max(set(ranks), key=ranks.count)
+    return {"rank": rank, "share_of_steps": ranks.count(rank) / len(steps)}
 
 
 def _version(package: str) -> Optional[str]:

@@ -182,7 +182,7 @@ def format_report(report: ParityReport, tol: Tolerances, cfg: BenchConfig) -> st
     def verdict(value, tol):
         return "n/a" if value is None else f"{value:.3e} ({'ok' if value <= tol else 'FAIL'} <= {tol:g})"
 
-    lines = [f"parity: {cfg.impl} dp{cfg.dp_size}xtp{cfg.tp_size} {cfg.model_name} {cfg.dtype}, "
+    lines = [f"parity: {cfg.impl} {cfg.dims.label} {cfg.model_name} {cfg.dtype}, "
              f"{len(report.reference.losses)} steps vs single-process reference",
              f"  step-0 loss diff      {verdict(report.step0_loss_diff, tol.step0_loss)}",
              f"  max loss diff         {verdict(report.max_loss_diff, tol.loss)}",

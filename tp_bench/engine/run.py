@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from tp_bench.core import results
 from tp_bench.core.config import BenchConfig
+from tp_bench.core.dims import ParallelDims
 from tp_bench.core.dist import DistContext, rank0_print, setup as setup_dist
 from tp_bench.core.errors import Diverged, Interrupted
 from tp_bench.core.metrics import StepRecord, resolve_phases
@@ -106,14 +107,19 @@ class Recorder:
               ph.get("optimizer", nan), *p.memory_gb, float(bool(p.stats.skipped)),
               local_signal] for ph, p in zip(phases, pending)], dtype=torch.float64,
             device=device)
+        slowest = [0] * len(pending)
         if dist.is_initialized() and world > 1:
+            step_times = maxed[:, 0].contiguous()
+            every = [torch.empty_like(step_times) for _ in range(world)]
+            dist.all_gather(every, step_times)
+            slowest = torch.stack(every).argmax(dim=0).tolist()
             dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
         losses = dp_mean(torch.stack([p.loss.float() for p in pending]).to(torch.float64), world)
         rows, losses = maxed.tolist(), losses.tolist()
         norms = [None if p.stats.grad_norm is None else float(p.stats.grad_norm)
                  for p in pending]
         records = []
-        for p, row, loss, norm in zip(pending, rows, losses, norms):
+        for p, row, loss, norm, slow in zip(pending, rows, losses, norms, slowest):
             step_s, fwd, bwd, opt, mem, peak, skipped, _ = row
             phase = None if session.cfg.timing == "none" else (fwd, bwd, opt)
             record = StepRecord(
@@ -121,7 +127,7 @@ class Recorder:
                 forward_time_s=phase and phase[0], backward_time_s=phase and phase[1],
                 optimizer_time_s=phase and phase[2],
                 memory_allocated_gb=mem, memory_peak_gb=peak, grad_norm=norm,
-                **session.throughput.rates(step_s))
+                slowest_rank=slow, **session.throughput.rates(step_s))
             if skipped:
                 self.skipped.append({"step": p.step, "loss": loss, "grad_norm": norm,
                                      "step_time_s": step_s})
@@ -160,7 +166,8 @@ class ResultWriter:
         self.session = session
         self.recorder: Optional[Recorder] = None
         cfg = session.cfg
-        self.path = results.result_path(cfg.output_dir, cfg.impl, cfg.tp_size, cfg.dp_size)
+        self.path = results.result_path(cfg.output_dir, cfg.impl, cfg.tp_size, cfg.dp_size,
+                                        cfg.dp_replicate)
         self.phase = "setup"                             # where the run is
         self.profile: Optional[dict[str, Any]] = None   # filled by --profile
         self.started = _utc_now()
@@ -169,12 +176,15 @@ class ResultWriter:
         s, rec = self.session, self.recorder
         measured = [r.to_dict() for r in rec.measured] if rec else []
         record = s.record()
+        summary = results.summarize(measured, s.throughput.tokens_per_step,
+                                    s.throughput.samples_per_step, s.ctx.world_size,
+                                    s.throughput.flops_per_token, s.throughput.peak_tflops)
+        if s.ctx.world_size > 1 and summary.get("slowest_rank"):
+            summary["slowest_rank"]["node"] = s.topology.nodes[summary["slowest_rank"]["rank"]]
         return {
             "config": record["config"],
             "steps": measured,
-            "summary": results.summarize(measured, s.throughput.tokens_per_step,
-                                         s.throughput.samples_per_step, s.ctx.world_size,
-                                         s.throughput.flops_per_token, s.throughput.peak_tflops),
+            "summary": summary,
             "schema_version": results.SCHEMA_VERSION,
             "status": status,
             "error": error,
@@ -228,12 +238,17 @@ def summary_line(doc: dict[str, Any], path: Path) -> str:
         return f"summary: no measured steps -> {path}"
     spread = 100 * s["iqr_step_time_ms"] / s["median_step_time_ms"]
     mfu = _fmt_opt(s["mfu"] and 100 * s["mfu"], ".1f", "%")
-    return (f"summary: {c['impl']} dp{c['dp_size']}xtp{c['tp_size']} {c['model_name']} "
+    slow = s.get("slowest_rank") or {}
+    slowest = (f", slowest rank {slow['rank']} on {slow['node']} "
+               f"({100 * slow['share_of_steps']:.0f}% of steps)" if slow.get("node") else "")
+    label = ParallelDims(c["dp_size"], c["tp_size"], c.get("dp_replicate", 1)).label
+    return (f"summary: {c['impl']} {label} {c['model_name']} "
             f"seq {c['seq_length']} bs {c['batch_size']}: "
             f"{s['avg_tokens_per_sec']:.1f} tok/s ({s['avg_tokens_per_sec_per_gpu']:.1f}/GPU), "
             f"step {s['median_step_time_ms']:.1f} ms median (IQR {spread:.1f}%), "
             f"{s['tflops_per_gpu']:.1f} TFLOP/s/GPU, MFU {mfu}, "
-            f"peak mem {s['peak_memory_gb']:.2f} GB, final loss {s['final_loss']:.4f} -> {path}")
+            f"peak mem {s['peak_memory_gb']:.2f} GB, final loss {s['final_loss']:.4f}{slowest} "
+            f"-> {path}")
 
 
 def train(session: Session) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from tp_bench.core import results
 from tp_bench.core.config import BenchConfig
 from tp_bench.core.data import SyntheticData
 from tp_bench.core.dims import Mesh, build_mesh
-from tp_bench.core.dist import DistContext, from_rank0
+from tp_bench.core.dist import DistContext, all_ranks, from_rank0
 from tp_bench.core.errors import ConfigError
+from tp_bench.core.topology import Topology, node_name
 from tp_bench.core.metrics import (MemoryMeter, PhaseTimer, Throughput, peak_tflops_for,
                                    process_age_s, setup_memory_gb)
 from tp_bench.engine.driver import StepDriver
@@ -42,6 +43,7 @@ class Session:
     builder: BaseModelBuilder
     model_config: ModelConfig
     throughput: Throughput
+    topology: Topology
     mesh: Optional[Mesh] = None
     parallelized: Optional[Parallelized] = None
     trainer: Optional[Trainer] = None
@@ -105,6 +107,7 @@ class Session:
         ctx, par, trainer = self.ctx, self.parallelized, self.trainer
         env = results.environment(ctx.device, ctx.world_size, ctx.backend)
         env.update(self.strategy.environment())
+        env["topology"] = self.topology.record(self.cfg.dims)
         strategy: dict[str, Any] = {"impl": self.strategy.name}
         if par is not None:
             strategy.update(par.settings)
@@ -133,13 +136,18 @@ def prepare(cfg: BenchConfig, ctx: DistContext) -> Session:
                          model_config.num_key_value_heads)
     strategy.check_config(cfg, builder)
     if ctx.device.type == "cpu" and not cfg.force:
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))   # this node's
         check_host_fit(cfg, model_config, local_ranks)
+    nodes = all_ranks(node_name())
+    if len(nodes) != ctx.world_size:     # no process group: a world of one, or a dry check
+        nodes = nodes[:1] * ctx.world_size
+    topology = Topology(tuple(nodes))
+    topology.check_tp(cfg.dims, cfg.allow_cross_node_tp)
     throughput = Throughput(
         tokens_per_step=cfg.tokens_per_step, samples_per_step=cfg.samples_per_step,
         world_size=ctx.world_size, flops_per_token=model_config.flops_per_token(cfg.seq_length),
         peak_tflops=peak_tflops_for(ctx.device, cfg.peak_tflops))
-    return Session(cfg, ctx, strategy, builder, model_config, throughput)
+    return Session(cfg, ctx, strategy, builder, model_config, throughput, topology)
 
 
 def check_output_dir(session: Session) -> None:

@@ -51,10 +51,13 @@ def _default_text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per BenchConfig field."""
+def add_config_arguments(parser: argparse.ArgumentParser,
+                         exclude: frozenset[str] = frozenset()) -> None:
+    """One option per BenchConfig field (but those in ``exclude``)."""
     groups: dict[str, Any] = {}
     for f in BenchConfig.option_fields():
+        if f.name in exclude:
+            continue
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         choices = meta["choices"] or (tuple(registry.available()) if f.name == "impl" else None)
@@ -78,6 +81,32 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     names = {f.name for f in dataclasses.fields(BenchConfig)}
     return BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def config_to_argv(cfg: BenchConfig) -> list[str]:
+    """The command-line options that make ``cfg`` (those that differ from the defaults): the
+    inverse of ``parse_config``."""
+    argv = []
+    for f in BenchConfig.option_fields():
+        value = getattr(cfg, f.name)
+        if value == f.default or value is None:
+            continue
+        argv += [f"--{f.name}", _default_text(value)]
+    return argv
+
+
+def parse_value(name: str, text: str) -> Any:
+    """One option's value from text, as the command line would parse it (ConfigError if bad)."""
+    fields = {f.name: f for f in BenchConfig.option_fields()}
+    if name not in fields:
+        raise ConfigError(f"unknown option {name!r}")
+    kind = str(fields[name].type)
+    try:
+        if kind in ("bool", "Optional[bool]"):
+            return parse_bool(text)
+        return _TYPES[kind](text)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise ConfigError(f"--{name} {text!r}: {exc}") from None
 
 
 def config_parser(prog: str, description: Optional[str] = None) -> ArgumentParser:

@@ -124,6 +124,12 @@ def cmd_gate(argv: Sequence[str]) -> int:
     return gate.main(argv, prog="tp-bench gate")
 
 
+def cmd_sweep(argv: Sequence[str]) -> int:
+    from tp_bench.frontends import sweep
+
+    return sweep.main(argv)
+
+
 def cmd_selfcheck(argv: Sequence[str]) -> int:
     from tp_bench.frontends import selfcheck
 
@@ -136,6 +142,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "parity": cmd_parity,
     "compare": cmd_compare,
     "gate": cmd_gate,
+    "sweep": cmd_sweep,
     "selfcheck": cmd_selfcheck,
 }
 

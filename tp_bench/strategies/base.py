@@ -100,6 +100,8 @@ class Strategy:
     options: dict[str, tuple]
     # The options a sweep explores for the fastest configuration (a subset of ``options``).
     sweep: tuple[str, ...] = ()
+    # Options it takes whatever their value (core.config.FREE_OPTIONS, e.g. dp_replicate).
+    takes: frozenset[str] = frozenset()
     # Where the model is built: "meta" (sharded, then materialized by the engine) or a device.
     build_device: Callable[[BenchConfig, BaseModelBuilder, torch.device],
                            Union[torch.device, str]] = _on_device

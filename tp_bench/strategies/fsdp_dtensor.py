@@ -55,14 +55,17 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
         apply_compile(layers)
         applied.append("per-layer torch.compile")
     if use_fsdp:
-        apply_fsdp(model, layers, mesh.dp_mesh, mixed_precision_policy(cfg.dtype, cfg.autocast))
-        applied.append(f"FSDP2 over dp {dims.dp}")
+        apply_fsdp(model, layers, mesh.fsdp_mesh, mixed_precision_policy(cfg.dtype, cfg.autocast))
+        applied.append(f"HSDP over dp {dims.dp_replicate} x {dims.dp_shard}" if dims.dp_replicate > 1
+                       else f"FSDP2 over dp {dims.dp}")
     return Parallelized(
         model=model,
         plan=plan.describe() if plan else None,
         techniques=applied,
         settings={"vocab_parallel": vocab_parallel, "sequence_parallel": sequence_parallel,
-                  "fsdp": "fully_shard per layer + root over dp" if use_fsdp else None,
+                  "fsdp": (None if not use_fsdp else "fully_shard per layer + root over dp"
+                           + (f" (HSDP: replicate {dims.dp_replicate} x shard {dims.dp_shard})"
+                              if dims.dp_replicate > 1 else "")),
                   "activation_checkpointing": cfg.activation_checkpointing,
                   "compile": "per transformer layer" if cfg.compile else None,
                   "meta_init": cfg.meta_init},
@@ -83,6 +86,7 @@ STRATEGY = Strategy(
     trainer=TorchTrainer,
     options={"use_vocab_parallel": (True, False), "sequence_parallel": (True, False),
              "meta_init": (True, False), "fsdp_at_dp1": (False, True), **_TECHNIQUES},
-    sweep=("autocast", "compile", "sequence_parallel", "use_vocab_parallel",
-           "activation_checkpointing", "optimizer_impl"),
+    sweep=("compile", "sequence_parallel", "use_vocab_parallel", "autocast", "optimizer_impl",
+           "activation_checkpointing"),
+    takes=frozenset({"dp_replicate"}),
 )

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING
 
-from tp_bench.core.config import IMPL_OPTIONS, TECHNIQUE_OPTIONS, BenchConfig
+from tp_bench.core.config import FREE_OPTIONS, IMPL_OPTIONS, TECHNIQUE_OPTIONS, BenchConfig
 from tp_bench.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -48,6 +48,10 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     """``cfg`` with the impl's own defaults filled in; ConfigError for an option the impl does
     not take, or a value it does not offer."""
     strategy = get(cfg.impl)
+    defaults = BenchConfig()
+    for name in FREE_OPTIONS:
+        if getattr(cfg, name) != getattr(defaults, name) and name not in strategy.takes:
+            raise ConfigError(f"--{name} does not apply to --impl {cfg.impl}")
     updates = {}
     for name in IMPL_OPTIONS + TECHNIQUE_OPTIONS:
         value = getattr(cfg, name)
