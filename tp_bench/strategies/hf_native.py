@@ -270,7 +270,7 @@ STRATEGY = Strategy(
     options={"use_vocab_parallel": (False,), "sequence_parallel": (False,),
              "autocast": (False, True), "compile": (False, True),
              "activation_checkpointing": (False, True), "optimizer_impl": ("fused", "foreach")},
-    sweep=("autocast", "compile", "activation_checkpointing", "optimizer_impl"),
+    sweep=("compile", "autocast", "optimizer_impl", "activation_checkpointing"),
     build_model=build_model,
     check_config=check_config,
     environment=environment,
