@@ -133,7 +133,8 @@ def test_options_it_does_not_offer_are_refused():
             ({"sequence_parallel": True}, "--sequence_parallel true is not offered"),
             ({"zero_stage": 1}, "--zero_stage does not apply to --impl hf_native"),
             ({"meta_init": False}, "--meta_init does not apply to --impl hf_native"),
-            ({"fsdp_at_dp1": True}, "--fsdp_at_dp1 does not apply to --impl hf_native")):
+            ({"fsdp_at_dp1": True}, "--fsdp_at_dp1 does not apply to --impl hf_native"),
+            ({"dp_replicate": 2}, "--dp_replicate does not apply to --impl hf_native")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             registry.resolve(BenchConfig(impl="hf_native", **option))
     with pytest.raises(ConfigError, match="bfloat16 only; use --dtype bfloat16, or --dtype "
