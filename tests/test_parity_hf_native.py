@@ -67,8 +67,8 @@ def test_bf16_tracks_the_reference(tmp_path, case):
     nproc, extra = BFLOAT16[case]
     proc, report = _parity(tmp_path, nproc, "--dtype", "bfloat16", *extra)
     assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
-    # measured: 1.2e-3 and 1.8e-3 at dp2 x tp2; a float32 compute or a wrong cast would differ
-    # from the bf16 reference by more than the bf16 rounding these bounds allow
+    # measured on CPU: max loss diff 1.2e-3, grad-norm rel diff 1.8e-3 at dp2 x tp2
+    # (transformers 5.24); 1.7e-3 and 3.0e-3 at tp2 (5.17); bf16 parity itself allows 5e-2
     assert report["max_loss_diff"] <= 5e-3
     assert report["max_grad_norm_rel_diff"] <= 5e-3
     assert report["loss_change"] > 0.3
