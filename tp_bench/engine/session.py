@@ -57,13 +57,14 @@ class Session:
         return self.cfg.dims.coords(self.ctx.rank)[0]
 
     def setup(self) -> None:
-        """Build: mesh -> model (meta or real) -> parallelize -> materialize -> trainer."""
+        """Build: mesh -> model (meta or real, or the strategy's ``build_model``) ->
+        parallelize -> materialize -> trainer."""
         cfg, builder, device = self.cfg, self.builder, self.ctx.device
         start = time.perf_counter()
         self.mesh = build_mesh(cfg.dims, self.ctx.rank, device.type)
         if self.strategy.build_model is not None:
             # The stack's own model definition; its parallelize materializes and initializes it.
-            model = self.strategy.build_model(cfg, builder, device)
+            model = self.strategy.build_model(cfg, builder, self.mesh, device)
             self.parallelized = self.strategy.parallelize(model, builder, self.mesh, cfg, device)
         else:
             self.parallelized = self._parallelize_builder_model()

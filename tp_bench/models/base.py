@@ -189,7 +189,7 @@ class BaseModelBuilder(ABC):
         parameter from a generator seeded by (seed, parameter name).
 
         The values therefore do not depend on construction order, wrapping, sharding or the
-        strategy, so both strategies and the single-process reference start from identical
+        strategy, so every strategy and the single-process reference start from identical
         weights; sharded (DTensor) parameters get exactly their slice of the full value.
         """
         for name, param in model.named_parameters():  # tied weights appear once

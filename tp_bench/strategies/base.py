@@ -110,13 +110,14 @@ class Strategy:
     # What a rank holds, for the memory plan (engine.plan, `tp-bench plan`); None: the plan
     # shows the stack without numbers and never refuses its runs.
     memory: Optional[Callable[[BenchConfig, ParallelDims], MemoryLayout]] = None
-    # What this stack cannot run, beyond its options (a model family, a device): raises
-    # ConfigError before any model is built (engine.session.prepare).
+    # What this stack cannot run, beyond its options (a model family, a device, a framework
+    # version): raises ConfigError before any model is built (engine.session.prepare).
     check: Callable[[BenchConfig, BaseModelBuilder, torch.device], None] = _no_check
-    # A stack that trains its framework's own model definition instead of the builder's
-    # HuggingFace model: builds it (on the meta device) from the builder's config. Its
-    # ``parallelize`` then gives it real storage and exactly the initial values every stack
-    # starts from (``BaseModelBuilder.initial_value``), so the engine neither initializes nor
-    # materializes it. None: the builder's model.
-    build_model: Optional[Callable[[BenchConfig, BaseModelBuilder, torch.device],
+    # A stack whose framework defines or builds the model itself (torchtitan's model code,
+    # transformers' from_pretrained with a DistributedConfig) instead of the builder's
+    # HuggingFace model: returns it, and ``parallelize`` gets it. The stack then owns storage
+    # and initial values: it must hold exactly the values every stack starts from
+    # (``BaseModelBuilder.init_weights`` / ``initial_value``) once ``parallelize`` returns, and
+    # the engine neither initializes nor materializes it. None: the builder's model.
+    build_model: Optional[Callable[[BenchConfig, BaseModelBuilder, Mesh, torch.device],
                                    nn.Module]] = None

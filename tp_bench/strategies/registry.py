@@ -21,6 +21,7 @@ _MODULES = {
     "autotp": "tp_bench.strategies.autotp",
     "fsdp_dtensor": "tp_bench.strategies.fsdp_dtensor",
     "torchtitan": "tp_bench.strategies.torchtitan",
+    "hf_native": "tp_bench.strategies.hf_native",
 }
 # Stacks whose framework is an optional extra: (package, how to install it). Without the package
 # the stack is not available, and asking for it says what to install.

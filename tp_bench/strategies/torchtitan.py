@@ -67,7 +67,8 @@ def torchtitan_model(cfg: BenchConfig, builder: BaseModelBuilder) -> TorchtitanM
                            sequence_parallel=bool(cfg.sequence_parallel) and cfg.dims.tp > 1)
 
 
-def build_model(cfg: BenchConfig, builder: BaseModelBuilder, device: torch.device) -> nn.Module:
+def build_model(cfg: BenchConfig, builder: BaseModelBuilder, mesh: Mesh,
+                device: torch.device) -> nn.Module:
     return torchtitan_model(cfg, builder).build()
 
 
