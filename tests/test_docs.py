@@ -3,7 +3,6 @@ here, run by .ci/run, or not run here and why), and the ones marked tested run h
 
 import json
 import re
-import textwrap
 
 from launch import REPO, torchrun
 
@@ -16,7 +15,7 @@ def blocks(page):
     return [m.groupdict() for m in FENCE.finditer(page.read_text())]
 
 
-def tested_block(page, name):
+def blocks_marked(page, name):
     found = [b["code"] for b in blocks(page) if b["how"] and b["how"].endswith(name)]
     assert found, f"{page.name}: no block marked tested: {name}"
     return found
@@ -41,7 +40,7 @@ def test_every_runnable_block_says_how_it_is_checked():
 
 
 def test_readme_quick_start(tmp_path):
-    (code,) = tested_block(REPO / "README.md", "test_readme_quick_start")
+    (code,) = blocks_marked(REPO / "README.md", "test_readme_quick_start")
     (tmp_path / "benchmark.py").symlink_to(REPO / "benchmark.py")
     script = tmp_path / "quick_start.sh"
     script.write_text("set -euo pipefail\n" + code)
@@ -73,18 +72,17 @@ TINY_MISTRAL = {"model_type": "mistral", "vocab_size": 512, "hidden_size": 64,
 def test_adding_a_model_and_a_strategy(tmp_path):
     """design.md's examples, as a user would save them: the Mistral builder, the tp_only stack
     and its registration, then tp_only on the Mistral model against the reference at tp=2."""
-    model, strategy, registration = tested_block(REPO / "docs" / "design.md",
+    model, strategy, registration = blocks_marked(REPO / "docs" / "design.md",
                                                  "test_adding_a_model_and_a_strategy")
     (tmp_path / "mistral_builder.py").write_text(model)
     (tmp_path / "tp_only.py").write_text(strategy)
-    (tmp_path / "launcher.py").write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(tmp_path)!r})
-        import mistral_builder  # noqa: F401  (registers the builder)
-        {registration.strip()}
-        from tp_bench.frontends.cli import entry
-        entry()
-    """))
+    (tmp_path / "launcher.py").write_text("\n".join([
+        "import sys",
+        f"sys.path.insert(0, {str(tmp_path)!r})",
+        "import mistral_builder  # noqa: F401  (registers the builder)",
+        registration.strip(),
+        "from tp_bench.frontends.cli import entry",
+        "entry()", ""]))
     config = tmp_path / "tiny_mistral.json"
     config.write_text(json.dumps(TINY_MISTRAL))
     report = tmp_path / "parity.json"

@@ -30,4 +30,8 @@ def save_now(config: Any) -> None:
     if session is None:
         return
     check_version()
+    # A test stopped mid-measurement has an entry without data, on which pytest-benchmark's
+    # JSON generation fails (min() of nothing): only measured entries are written.
+    session.benchmarks = [b for b in session.benchmarks
+                          if getattr(getattr(b, "stats", None), "data", None)]
     session.handle_saving()

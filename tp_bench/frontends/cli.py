@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 from tp_bench.core.dist import env_rank, from_rank0
 from tp_bench.core.errors import ConfigError
 from tp_bench.frontends.arguments import ArgumentParser, config_from_args, config_parser
 
+RANK0_FIRST_S = 3.0
 QUICK_TRY = ("torchrun --nproc_per_node=2 benchmark.py --impl fsdp_dtensor --model_name tiny "
              "--seq_length 256 --num_training_steps 30")
 
@@ -169,6 +171,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     f"autotp), made for GPUs: on this machine try `{QUICK_TRY}`"
                     if not argv and command is cmd_run else "")
             print(f"tp_bench: error: {exc}{hint}", file=sys.stderr, flush=True)
+        else:
+            # Every rank finds the same problem, rank 0 says it: the others leave a little later,
+            # or torchrun could stop rank 0 (SIGTERM) before its line is out.
+            time.sleep(RANK0_FIRST_S)
         return 2
 
 
