@@ -94,3 +94,21 @@ def test_ratios_and_the_pareto_front_by_hand():
     assert between["q1"] < 1.0 < between["q3"] and between["verdict"] == "no measurable difference"
     assert pareto_front([(1.0, 10.0), (2.0, 5.0), (2.0, 20.0), (3.0, 15.0)]) == [(1.0, 10.0),
                                                                                    (2.0, 20.0)]
+
+
+def test_a_configuration_the_plan_says_cannot_fit_is_skipped_not_launched(tmp_path):
+    """With a GPU's memory (here given: 0.01 GB), the plan's peak decides before any launch."""
+    from tp_bench.core.config import BenchConfig
+    from tp_bench.core.dims import ParallelDims
+    from tp_bench.frontends.sweep import Sweep, build_parser
+
+    args = build_parser().parse_args(["--gpu_memory_gb", "0.01", "--out", str(tmp_path),
+                                      "--program", "no_such_program.py"])
+    args.nproc = 2
+    base = BenchConfig(model_name="tiny", seq_length=32, batch_size=2, dtype="float32")
+    sweep = Sweep(args, base, ["fsdp_dtensor"], [ParallelDims(1, 2)], {})
+    launch = sweep.launch(base.__class__(**{**base.__dict__, "impl": "fsdp_dtensor",
+                                            "tp_size": 2}).validate(2))
+    assert launch.outcome == "skipped" and launch.seconds == 0.0
+    assert launch.reason.startswith("predicted not to fit 0 GB: ")
+    assert "peak" in launch.reason and not (launch.directory / "log.txt").exists()

@@ -11,7 +11,8 @@ The search, per impl, within ``--budget_minutes`` (docs/sweep.md says what it ca
    batch size.
 
 Every configuration is its own launch with a timeout (frontends.sweep_launch): its outcome is
-ok, oom, failed, timeout, diverged or invalid, and the search goes on. The parity guard: a
+ok, oom, failed, timeout, diverged, invalid or skipped (the memory plan says it cannot fit the
+GPU: not launched), and the search goes on. The parity guard: a
 configuration counts only if its losses track its impl's reference run at the same data (the
 defaults at that mesh and batch, with activation checkpointing if they do not fit otherwise)
 within the parity tolerance of its dtype; one that does not is kept as "diverged" and never
@@ -36,10 +37,14 @@ from tp_bench.core.errors import ConfigError
 from tp_bench.core.stats import median, quantile
 from tp_bench.frontends.arguments import (ArgumentParser, add_config_arguments,
                                           config_from_args, parse_value)
-from tp_bench.frontends.sweep_launch import Launch, command, config_id, run
+from tp_bench.frontends.sweep_launch import (Launch, command, config_id, gpu_memory_bytes, run,
+                                             skip)
 from tp_bench.strategies import registry
 
 MIN_GAIN = 0.03        # a change is kept when it is this much faster (runs are noisy)
+# A configuration is skipped when the plan's peak exceeds the GPU's memory by this factor: the
+# plan is within a few percent for eager runs, and overestimates compiled ones (docs/plan.md).
+SKIP_MARGIN = 1.05
 LOSS_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}   # = tp-bench parity's
 
 
@@ -66,6 +71,8 @@ class Sweep:
         self.references: dict[str, Launch] = {}       # reference key -> launch
         self.launches: dict[str, Launch] = {}          # config id -> launch
         self.started = time.monotonic()
+        self.memory_bytes: Optional[int] = (int(args.gpu_memory_gb * 2**30) if args.gpu_memory_gb
+                                            else gpu_memory_bytes())
 
     # ------------------------------------------------------------------ running one
     def launch(self, cfg: BenchConfig, directory: Optional[Path] = None) -> Launch:
@@ -76,7 +83,11 @@ class Sweep:
         directory = directory or self.out / "configs" / name
         launch = Launch(dataclasses.replace(cfg, output_dir=str(directory)), directory)
         fresh = not (directory / "outcome.json").exists()
-        run(launch, self.args.nproc, self.program, self.args.timeout_s)
+        misfit = self._predicted_misfit(launch.cfg) if fresh else None
+        if misfit:
+            skip(launch, misfit)
+        else:
+            run(launch, self.args.nproc, self.program, self.args.timeout_s)
         if directory.parent.name == "configs":
             self.launches[name] = launch
             self._guard(launch)
@@ -86,6 +97,20 @@ class Sweep:
               + (f" ({launch.reason})" if launch.reason else "")
               + ("" if fresh else " [measured before]"), flush=True)
         return launch
+
+    def _predicted_misfit(self, cfg: BenchConfig) -> Optional[str]:
+        """Why the memory plan says ``cfg`` cannot fit the GPU, or None (also without a GPU:
+        there the run checks the host itself)."""
+        if not self.memory_bytes or self.args.force:
+            return None
+        from tp_bench.engine.plan import fits
+        from tp_bench.engine.shapes import model_shapes
+
+        ok, row = fits(cfg, model_shapes(cfg.model_name, cfg.num_layers),
+                       int(self.memory_bytes * SKIP_MARGIN))
+        if ok or row is None:
+            return None
+        return (f"predicted not to fit {self.memory_bytes / 2**30:.0f} GB: {row.summary()}")
 
     def remaining_s(self) -> float:
         return self.args.budget_minutes * 60 - (time.monotonic() - self.started)
@@ -103,7 +128,7 @@ class Sweep:
             same_data = dataclasses.replace(base, dp_size=cfg.dp_size, tp_size=cfg.tp_size,
                                             batch_size=cfg.batch_size)
             ref = self.launch(same_data)
-            if ref.outcome == "oom" and not same_data.activation_checkpointing:
+            if ref.outcome in ("oom", "skipped") and not same_data.activation_checkpointing:
                 ref = self.launch(dataclasses.replace(same_data, activation_checkpointing=True))
             self.references[key] = ref
         ref = self.references[key]
@@ -185,7 +210,7 @@ class Sweep:
                 yield
                 if search.best is before:
                     tried = self.launches.get(config_id(registry.resolve(cfg)))
-                    out_of_memory = tried is None or tried.outcome == "oom" \
+                    out_of_memory = tried is None or tried.outcome in ("oom", "skipped") \
                         or self.references.get(self._reference_key(cfg)) is None
                     break
         for name, values in self._knobs(search):
@@ -346,6 +371,9 @@ def build_parser() -> ArgumentParser:
                        help="search and confirmation together [30]")
     sweep.add_argument("--timeout_s", type=float, default=600.0,
                        help="a launch that outlives this is killed: outcome timeout [600]")
+    sweep.add_argument("--gpu_memory_gb", type=float, default=None,
+                       help="memory per GPU the plan checks each configuration against before "
+                            "launching it; one predicted not to fit is skipped [the GPU's]")
     sweep.add_argument("--max_memory_gb", type=float, default=None,
                        help="only configurations whose peak stays under this can be best")
     sweep.add_argument("--confirm_rounds", type=int, default=3,

@@ -82,7 +82,8 @@ def classify(launch: Launch, returncode: Optional[int], stderr_tail: str) -> Non
     doc = _read(launch)
     if returncode is None:
         launch.outcome, launch.reason = "timeout", f"killed after {launch.seconds:.0f} s"
-    elif returncode == 2 and doc is None:
+    elif doc is None and (returncode == 2 or _last_error(stderr_tail)):
+        # refused before set-up (exit status 2; 1 from torchrun, after the worker's one line)
         launch.outcome, launch.reason = "invalid", _last_error(stderr_tail)
     elif doc is None:
         launch.outcome = "failed"
@@ -138,6 +139,27 @@ def run(launch: Launch, nproc: int, program: list[str], timeout_s: float,
     classify(launch, returncode, tail)
     (launch.directory / "outcome.json").write_text(json.dumps(
         {"outcome": launch.outcome, "reason": launch.reason, "seconds": launch.seconds}))
+
+
+def skip(launch: Launch, reason: str) -> None:
+    """Record a configuration that is not launched (the memory plan says it cannot fit)."""
+    launch.directory.mkdir(parents=True, exist_ok=True)
+    launch.outcome, launch.reason, launch.seconds = "skipped", reason, 0.0
+    (launch.directory / "outcome.json").write_text(json.dumps(
+        {"outcome": launch.outcome, "reason": launch.reason, "seconds": launch.seconds}))
+
+
+def gpu_memory_bytes() -> Optional[int]:
+    """The first GPU's memory, asked in a child process (a CUDA context here would hold GPU
+    memory for the whole sweep); None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda."
+                          "get_device_properties(0).total_memory)"],
+                         capture_output=True, text=True, timeout=120)
+    return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
 
 
 def _descendants(pid: int) -> list[int]:
