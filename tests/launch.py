@@ -72,3 +72,32 @@ def start_nodes(nodes: list[str], nproc_per_node: int, *args: str, env: dict | N
                                       text=True, env=full_env, cwd=cwd or REPO,
                                       start_new_session=True))
     return procs
+
+
+def parity_reports(out: Path, common: list[str], cases: dict[str, tuple[int, list[str]]],
+                   timeout: float = 1200) -> dict[str, dict | str]:
+    """``tp-bench parity`` for every case (name -> (ranks, arguments after ``common``)), the
+    cases of one world size in one torchrun launch (tests/parity_cases.py). Returns name ->
+    the case's report, or name -> why there is none (its error, or the launch's output)."""
+    import json
+
+    found: dict[str, dict | str] = {}
+    for nproc in sorted({n for n, _ in cases.values()}):
+        group = {name: [*common, *extra] for name, (n, extra) in cases.items() if n == nproc}
+        where = Path(out) / f"ranks{nproc}"
+        where.mkdir(parents=True, exist_ok=True)
+        try:
+            proc = torchrun(nproc, "tests/parity_cases.py", str(where), json.dumps(group),
+                            timeout=timeout)
+            output = (proc.stdout + proc.stderr)[-4000:]
+        except subprocess.TimeoutExpired as exc:
+            output = f"the launch of {nproc} ranks timed out after {exc.timeout} s"
+        for name in group:
+            report, error = where / f"{name}.json", where / f"{name}.error"
+            if report.exists():
+                found[name] = json.loads(report.read_text())
+            elif error.exists():
+                found[name] = f"{name} raised:\n{error.read_text()}"
+            else:
+                found[name] = f"{name} did not run (an earlier case stopped the launch):\n{output}"
+    return found

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from launch import torchrun
+from launch import parity_reports, torchrun
 from tp_bench.core.config import IMPL_OPTIONS
 
 COMMON = ["-m", "tp_bench", "parity", "--impl", "autotp", "--seq_length", "32",
@@ -44,18 +44,26 @@ CASES = {
 }
 
 
-def _parity(tmp_path, nproc, extra):
-    report_path = tmp_path / "parity.json"
-    proc = torchrun(nproc, *COMMON, *extra, "--report", str(report_path), timeout=400)
-    assert report_path.exists(), proc.stdout + proc.stderr
-    return proc, json.loads(report_path.read_text())
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Every case, the cases of one world size in one launch."""
+    return parity_reports(tmp_path_factory.mktemp("parity_autotp"), COMMON[3:], {
+        **CASES,
+        "bf16-zero1": (2, ["--model_name", "tiny", "--dtype", "bfloat16"]),
+        "bf16-zero0": (2, ["--model_name", "tiny", "--dtype", "bfloat16", "--zero_stage", "0"]),
+    })
+
+
+def report_of(reports, case):
+    report = reports[case]
+    assert isinstance(report, dict), report
+    return report
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_parity_with_reference(tmp_path, case):
-    nproc, extra = CASES[case]
-    proc, report = _parity(tmp_path, nproc, extra)
-    assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
+def test_parity_with_reference(reports, case):
+    report = report_of(reports, case)
+    assert report["ok"], report
     assert report["step0_loss_diff"] <= 1e-5
     assert report["max_loss_diff"] <= 1e-3
     assert report["max_grad_rel_diff"] <= 1e-4
@@ -63,34 +71,38 @@ def test_parity_with_reference(tmp_path, case):
     assert report["loss_change"] > 0.3
 
 
-@pytest.mark.parametrize("impl, extra", [("autotp", []), ("autotp", ["--zero_stage", "3"]),
-                                         ("fsdp_dtensor", [])])
-def test_bf16_cast_policy_starts_from_exact_master_weights(tmp_path, impl, extra):
+CAST = {"autotp": ["--impl", "autotp"], "autotp-zero3": ["--impl", "autotp", "--zero_stage", "3"],
+        "fsdp_dtensor": ["--impl", "fsdp_dtensor"]}
+
+
+@pytest.fixture(scope="module")
+def cast_reports(tmp_path_factory):
+    common = ["--model_name", TINY_TIED, "--num_layers", "2", "--seq_length", "64",
+              "--batch_size", "2", "--dtype", "bfloat16", "--learning_rate", "1e-5"]
+    return parity_reports(tmp_path_factory.mktemp("parity_cast"), common,
+                          {name: (1, extra) for name, extra in CAST.items()})
+
+
+@pytest.mark.parametrize("case", CAST)
+def test_bf16_cast_policy_starts_from_exact_master_weights(cast_reports, case):
     """bf16 "cast" policy at lr 1e-5: updates are far below the bf16 grid step, so a master
     copy that started on the grid (DeepSpeed's, unless restored) trains measurably slower
     (max loss diff 1.8e-2 here) than the reference; from exact values both stay within 1e-3."""
-    report_path = tmp_path / "parity.json"
-    proc = torchrun(1, "-m", "tp_bench", "parity", "--impl", impl, "--model_name", TINY_TIED,
-                    "--num_layers", "2", "--seq_length", "64", "--batch_size", "2",
-                    "--dtype", "bfloat16", "--learning_rate", "1e-5", *extra,
-                    "--report", str(report_path), timeout=300)
-    report = json.loads(report_path.read_text())
-    assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
+    report = report_of(cast_reports, case)
+    assert report["ok"], report
     assert report["max_loss_diff"] <= 5e-3
 
 
-def test_bf16_zero1_tracks_the_reference(tmp_path):
-    proc, report = _parity(tmp_path, 2, ["--model_name", "tiny", "--dtype", "bfloat16"])
-    assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
+def test_bf16_zero1_tracks_the_reference(reports):
+    report = report_of(reports, "bf16-zero1")
+    assert report["ok"], report
     assert report["max_grad_norm_rel_diff"] <= 5e-3
 
 
 @pytest.mark.xfail(strict=True, reason="DeepSpeed 0.19.8: with bf16 at ZeRO 0 under AutoTP the "
                    "engine's gradient norm is ~18% low on this model, so clipping is too weak")
-def test_bf16_zero0_grad_norm(tmp_path):
-    proc, report = _parity(tmp_path, 2, ["--model_name", "tiny", "--dtype", "bfloat16",
-                                         "--zero_stage", "0"])
-    assert report["max_grad_norm_rel_diff"] <= 5e-3
+def test_bf16_zero0_grad_norm(reports):
+    assert report_of(reports, "bf16-zero0")["max_grad_norm_rel_diff"] <= 5e-3
 
 
 def test_deepspeed_groups_are_the_seed_rows_and_columns():

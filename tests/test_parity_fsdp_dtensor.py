@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from launch import torchrun
+from launch import parity_reports, torchrun
 from tp_bench.engine.parity import Tolerances, Trace, compare
 
 COMMON = ["-m", "tp_bench", "parity", "--impl", "fsdp_dtensor", "--seq_length", "64",
@@ -37,14 +37,17 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Every case, the cases of one world size in one launch."""
+    return parity_reports(tmp_path_factory.mktemp("parity_fsdp"), COMMON[3:], CASES)
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_parity_with_reference(tmp_path, case):
-    nproc, extra = CASES[case]
-    report_path = tmp_path / "parity.json"
-    proc = torchrun(nproc, *COMMON, *extra, "--report", str(report_path), timeout=400)
-    assert proc.returncode == 0 and report_path.exists(), proc.stdout + proc.stderr
-    report = json.loads(report_path.read_text())
-    assert report["ok"]
+def test_parity_with_reference(reports, case):
+    report = reports[case]
+    assert isinstance(report, dict), report
+    assert report["ok"], report
     assert report["step0_loss_diff"] <= 1e-5
     assert report["max_loss_diff"] <= 1e-3
     assert report["max_grad_rel_diff"] <= 1e-4

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from launch import torchrun
+from launch import parity_reports, torchrun
 from tp_bench.core.config import BenchConfig
 from tp_bench.core.dist import DistContext
 from tp_bench.core.errors import ConfigError
@@ -45,19 +45,29 @@ BFLOAT16 = {
 }
 
 
-def _parity(tmp_path, nproc, *extra):
-    report_path = tmp_path / "parity.json"
-    model = [] if "--model_name" in extra else ["--model_name", "tiny"]
-    proc = torchrun(nproc, *COMMON, *model, *extra, "--report", str(report_path), timeout=400)
-    assert report_path.exists(), proc.stdout + proc.stderr
-    return proc, json.loads(report_path.read_text())
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Every case, the cases of one world size in one launch."""
+    def full(dtype, extra):
+        model = [] if "--model_name" in extra else ["--model_name", "tiny"]
+        return [*model, "--dtype", dtype, *extra]
+
+    cases = {f"float32-{name}": (n, full("float32", extra)) for name, (n, extra) in FLOAT32.items()}
+    cases |= {f"bfloat16-{name}": (n, full("bfloat16", extra))
+              for name, (n, extra) in BFLOAT16.items()}
+    return parity_reports(tmp_path_factory.mktemp("parity_hf_native"), COMMON[3:], cases)
+
+
+def report_of(reports, case):
+    report = reports[case]
+    assert isinstance(report, dict), report
+    return report
 
 
 @pytest.mark.parametrize("case", FLOAT32)
-def test_parity_with_reference_float32(tmp_path, case):
-    nproc, extra = FLOAT32[case]
-    proc, report = _parity(tmp_path, nproc, "--dtype", "float32", *extra)
-    assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
+def test_parity_with_reference_float32(reports, case):
+    report = report_of(reports, f"float32-{case}")
+    assert report["ok"], report
     assert report["step0_loss_diff"] <= 1e-5     # the same initial weights
     assert report["max_loss_diff"] <= 1e-3       # every step, the 5th included
     assert report["max_grad_rel_diff"] <= 1e-4   # every parameter's step-0 gradient
@@ -65,10 +75,9 @@ def test_parity_with_reference_float32(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", BFLOAT16)
-def test_bf16_tracks_the_reference(tmp_path, case):
-    nproc, extra = BFLOAT16[case]
-    proc, report = _parity(tmp_path, nproc, "--dtype", "bfloat16", *extra)
-    assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
+def test_bf16_tracks_the_reference(reports, case):
+    report = report_of(reports, f"bfloat16-{case}")
+    assert report["ok"], report
     # measured on CPU: max loss diff 1.2e-3, grad-norm rel diff 1.8e-3 at dp2 x tp2
     # (transformers 5.24); 1.7e-3 and 3.0e-3 at tp2 (5.17); bf16 parity itself allows 5e-2
     assert report["max_loss_diff"] <= 5e-3

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from launch import torchrun
+from launch import parity_reports, torchrun
 
 pytest.importorskip("torchtitan")
 
@@ -32,18 +32,24 @@ CASES = {
 }
 
 
-def _parity(tmp_path, nproc, *extra):
-    report_path = tmp_path / "parity.json"
-    proc = torchrun(nproc, *COMMON, *extra, "--report", str(report_path), timeout=600)
-    assert report_path.exists(), proc.stdout + proc.stderr
-    return proc, json.loads(report_path.read_text())
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Every case, the cases of one world size in one launch."""
+    cases = {name: (n, ["--dtype", "float32", *extra]) for name, (n, extra) in CASES.items()}
+    cases["bf16"] = (2, ["--dtype", "bfloat16"])
+    return parity_reports(tmp_path_factory.mktemp("parity_torchtitan"), COMMON[3:], cases)
+
+
+def report_of(reports, case):
+    report = reports[case]
+    assert isinstance(report, dict), report
+    return report
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_parity_with_reference(tmp_path, case):
-    nproc, extra = CASES[case]
-    proc, report = _parity(tmp_path, nproc, "--dtype", "float32", *extra)
-    assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
+def test_parity_with_reference(reports, case):
+    report = report_of(reports, case)
+    assert report["ok"], report
     assert report["step0_loss_diff"] <= 1e-5
     assert report["max_loss_diff"] <= 1e-3
     assert report["max_grad_rel_diff"] <= 1e-4   # every parameter, mapped back to HF names
@@ -51,15 +57,15 @@ def test_parity_with_reference(tmp_path, case):
     assert report["loss_change"] > 0.3
 
 
-def test_bf16_tracks_the_reference(tmp_path):
+def test_bf16_tracks_the_reference(reports):
     """bf16 "cast" policy at tp=2. torchtitan's model rounds differently from HF's by design:
     its norms are torch's nn.RMSNorm (HF's upcast to float32 by hand and apply the weight after
     casting back) and it applies RoPE in float32 (HF casts cos/sin to bf16). Measured on this
     model: step-0 loss 1.9e-4 apart, at most 5.8e-4 over 5 steps, grad norms 3.3e-3 apart
     (fsdp_dtensor, HF's own model, at the same settings: 2.4e-4, 2.6e-4 and 2.7e-3: bf16
     rounding in the TP reductions is as large). Bounded at about ten times that."""
-    proc, report = _parity(tmp_path, 2, "--dtype", "bfloat16")
-    assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
+    report = report_of(reports, "bf16")
+    assert report["ok"], report
     assert report["step0_loss_diff"] <= 2e-3
     assert report["max_loss_diff"] <= 5e-3
     assert report["max_grad_norm_rel_diff"] <= 3e-2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from tp_bench.core.dist import env_rank, from_rank0
 from tp_bench.core.errors import ConfigError
@@ -54,7 +54,7 @@ def cmd_models(argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_parity(argv: Sequence[str]) -> int:
+def parity_parser() -> ArgumentParser:
     parser = config_parser("tp-bench parity", "Train a few steps with one strategy and compare "
                            "losses, grad norms and step-0 gradients with a single-process "
                            "reference (rank 0). Exit status 1 when a tolerance is exceeded.")
@@ -68,29 +68,42 @@ def cmd_parity(argv: Sequence[str]) -> int:
                              "parameter gradient (relative) tolerances "
                              "[float32: 1e-5 1e-3 1e-3 1e-4; bf16/fp16: 5e-2 each]")
     checks.add_argument("--report", help="Write the report as JSON to this path (rank 0)")
-    args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    from tp_bench.core import dist, results
+    return parser
+
+
+def run_parity(args: Any, ctx: Any) -> bool:
+    """One parity check in an existing process group (``ctx``); True on every rank when it
+    passed. The session is closed afterwards, so that another check can follow."""
+    from tp_bench.core import results
     from tp_bench.engine import parity
     from tp_bench.engine.session import prepare
 
-    ctx = dist.setup()
-    session = prepare(cfg, ctx)
+    session = prepare(config_from_args(args), ctx)
     session.setup()
-    report = parity.check(session, args.parity_steps, capture_grads=not args.no_grads)
-    ok = True
-    if report is not None:
-        tolerances = (parity.Tolerances(*args.tolerances) if args.tolerances
-                      else parity.Tolerances.for_dtype(session.cfg.dtype))
-        ok = report.ok(tolerances)
-        print(parity.format_report(report, tolerances, session.cfg))
-        if args.report:
-            results.write_json_atomic(args.report, {**report.to_dict(), "ok": ok,
-                                                    "tolerances": dataclasses.asdict(tolerances),
-                                                    "config": session.cfg.to_dict()})
-    verdict = from_rank0(ok)   # every rank exits with rank 0's status
+    try:
+        report = parity.check(session, args.parity_steps, capture_grads=not args.no_grads)
+        ok = True
+        if report is not None:
+            tolerances = (parity.Tolerances(*args.tolerances) if args.tolerances
+                          else parity.Tolerances.for_dtype(session.cfg.dtype))
+            ok = report.ok(tolerances)
+            print(parity.format_report(report, tolerances, session.cfg))
+            if args.report:
+                results.write_json_atomic(args.report, {
+                    **report.to_dict(), "ok": ok, "tolerances": dataclasses.asdict(tolerances),
+                    "config": session.cfg.to_dict()})
+    finally:
+        session.close()
+    return from_rank0(ok)   # every rank ends with rank 0's verdict
+
+
+def cmd_parity(argv: Sequence[str]) -> int:
+    args = parity_parser().parse_args(argv)
+    from tp_bench.core import dist
+
+    ok = run_parity(args, dist.setup())
     dist.teardown()
-    return 0 if verdict else 1
+    return 0 if ok else 1
 
 
 def cmd_compare(argv: Sequence[str]) -> int:
