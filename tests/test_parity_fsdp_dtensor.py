@@ -9,8 +9,9 @@ import torch
 from launch import parity_reports, torchrun
 from tp_bench.engine.parity import Tolerances, Trace, compare
 
-COMMON = ["-m", "tp_bench", "parity", "--impl", "fsdp_dtensor", "--seq_length", "64",
-          "--batch_size", "2", "--dtype", "float32", "--learning_rate", "1e-3"]
+COMMON = ["-m", "tp_bench", "parity", "--impl", "fsdp_dtensor", "--seq_length", "32",
+          "--batch_size", "2", "--dtype", "float32", "--learning_rate", "1e-3",
+          "--num_layers", "2"]
 TINY_TIED = "tests/data/tiny_qwen3_tied.json"
 TINY_LLAMA = "tests/data/tiny_llama.json"
 TINY_QWEN2 = "tests/data/tiny_qwen2.json"

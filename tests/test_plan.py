@@ -191,17 +191,18 @@ def test_check_on_cpu_made_results(cpu_runs, tmp_path):
     assert code == 0
     row = rows["tiny"]
     assert row["memory"] == "process_rss" and row["error"] is None
-    # Host RSS is dominated by the process itself; the plan adds its ~1.4 GB.
-    assert row["measured_gb"] > 0 and abs(row["error_pct"]) < 50, row
+    # Host RSS is dominated by the process itself (0.4-1.4 GB with torch and transformers,
+    # more in bf16); the plan adds 1.4 GB to its peak, so it bounds the RSS from above.
+    assert 0 < row["measured_gb"] <= row["predicted_gb"], row
     assert "no/such-model-here" in rows["no/such-model-here"]["error"]
     code, text = run_cli("plan", "--check", str(honest))
     assert "(RSS)" in text and "worst GPU row" not in text
 
 
 def test_the_sweep_example_in_the_docs_runs():
-    from test_docs import tested_block
+    from test_docs import blocks_marked
 
-    (code,) = tested_block(REPO / "docs" / "plan.md", "test_the_sweep_example_in_the_docs_runs")
+    (code,) = blocks_marked(REPO / "docs" / "plan.md", "test_the_sweep_example_in_the_docs_runs")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "plan.md", "exec"), {})

@@ -27,7 +27,7 @@ FAULTS = {"TP_BENCH_TEST_FAULT": "sweep:oom@batch_size=4;fail@activation_checkpo
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     start = time.monotonic()
-    proc = python("-m", "tp_bench", "sweep", *RUN, *GRID, "--timeout_s", "120", "--out",
+    proc = python("-m", "tp_bench", "sweep", *RUN, *GRID, "--timeout_s", "60", "--out",
                   str(out), "--plot", env=FAULTS, timeout=2400)
     return out, proc, time.monotonic() - start
 
@@ -77,7 +77,7 @@ def test_the_confirmation_interleaves_and_gives_a_ratio_with_its_spread(sweep):
 def test_a_second_invocation_resumes_without_running_again(sweep):
     out, _, first = sweep
     start = time.monotonic()
-    proc = python("-m", "tp_bench", "sweep", *RUN, *GRID, "--timeout_s", "120", "--out",
+    proc = python("-m", "tp_bench", "sweep", *RUN, *GRID, "--timeout_s", "60", "--out",
                   str(out), env=FAULTS, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("[measured before]") >= 8 and "sweep: " in proc.stdout
