@@ -6,6 +6,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/launch.py
 # No test reaches the hub (CI machines have no route to it): an unknown hub name fails at once
 # instead of after huggingface_hub's five retries. Inherited by every launch.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (.ci/run: -n 2) the workers' PYTEST_XDIST_* variables would reach the
+# pytest runs the tests launch, where pytest-benchmark would then switch itself off.
+for _name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")]:
+    del os.environ[_name]
 
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 

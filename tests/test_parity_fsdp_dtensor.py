@@ -31,7 +31,8 @@ CASES = {
     "dp2-tied-embeddings": (2, ["--model_name", TINY_TIED, "--num_layers", "2", "--dp_size", "2"]),
     "tp2-llama": (2, ["--model_name", TINY_LLAMA]),
     "tp2-qwen2-bias-no-sp": (2, ["--model_name", TINY_QWEN2, "--sequence_parallel", "false"]),
-    "tp2-compile": (2, ["--model_name", "tiny", "--num_layers", "2", "--compile"]),
+    "tp2-compile": (2, ["--model_name", "tiny", "--num_layers", "1", "--compile",
+                        "--parity_steps", "3"]),
     # HSDP: parameters sharded within a replica group, replicated across them
     "hsdp-rep2-shard2": (4, ["--model_name", "tiny", "--num_layers", "2", "--dp_size", "4",
                              "--dp_replicate", "2"]),

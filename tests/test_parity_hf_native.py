@@ -29,7 +29,8 @@ FLOAT32 = {
     # transformers' gradient checkpointing and per-layer compile under its FSDP2 (the q/k
     # norms' gradient hook too)
     "dp2-tp2-ac-compile": (4, ["--dp_size", "2", "--activation_checkpointing", "--compile",
-                               "--optimizer_impl", "foreach"]),
+                               "--optimizer_impl", "foreach", "--num_layers", "1",
+                               "--parity_steps", "3"]),
     # one parameter for the embedding and lm_head, through transformers' TP and FSDP2 (Qwen3
     # 0.6B-4B tie them)
     "dp2-tp2-tied": (4, ["--dp_size", "2", "--model_name", "tests/data/tiny_qwen3_tied.json"]),

@@ -109,8 +109,8 @@ def test_compare_cpu_runs_end_to_end(cpu_runs, tmp_path):
                   "markdown", "--plot", str(tmp_path / "plots"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[2].startswith("| 1 | fsdp_dtensor | dp1xtp1 | 1x1 | tiny (4L) | 64 | 2 | "
-                               "bf16/fp32/fp32 |")
+    assert lines[2].startswith("| 1 | fsdp_dtensor | dp1xtp1 | 1x1 | tiny (2L) | 64 | 2 | "
+                               "fp32/fp32/fp32 |")
     ratio = float(lines[3].split("|")[-3].strip().rstrip("x"))
     assert ratio < 0.8                # the slowed run: about a third of the throughput
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == \

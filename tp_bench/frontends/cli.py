@@ -9,6 +9,8 @@ once (by rank 0) and every rank exits with status 2.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -186,7 +188,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"tp_bench: error: {exc}{hint}", file=sys.stderr, flush=True)
         else:
             # Every rank finds the same problem, rank 0 says it: the others leave a little later,
-            # or torchrun could stop rank 0 (SIGTERM) before its line is out.
+            # or torchrun could stop rank 0 (SIGTERM) before its line is out; stopped by torchrun
+            # meanwhile, they still leave with this status.
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
             time.sleep(RANK0_FIRST_S)
         return 2
 
@@ -198,8 +202,6 @@ def entry() -> None:
     hold tensors at interpreter shutdown and abort the process ("terminate called without an
     active exception", pytorch/pytorch#190489) after the run has already succeeded.
     """
-    import os
-
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
