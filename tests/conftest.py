@@ -83,3 +83,19 @@ def every_json_written_is_strict(tmp_path_factory):
     yield
     problems = strict_json_problems(tmp_path_factory.getbasetemp())
     assert not problems, "\n".join(problems)
+
+
+# The longest files first: under pytest-xdist's --dist loadfile (.ci/run) each file goes whole
+# to the next free worker in this order, so the two workers end at about the same time instead
+# of one waiting on a long file handed out last.
+LONGEST_FIRST = ("test_sweep.py", "test_parity_torchtitan.py", "test_parity_fsdp_dtensor.py",
+                 "test_parity_autotp.py", "test_parity_hf_native.py", "test_faults.py",
+                 "test_multinode.py", "test_plan.py", "test_suite.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)   # stable: the order within a file is kept

@@ -50,7 +50,7 @@ def test_readme_quick_start(tmp_path):
     assert sorted(r.split()[1] for r in rows) == ["autotp", "fsdp_dtensor"], proc.stdout
     for impl in ("autotp", "fsdp_dtensor"):
         doc = json.loads((tmp_path / "results" / f"results_{impl}_tp2_dp1.json").read_text())
-        assert doc["status"] == "complete" and doc["summary"]["num_steps"] == 15
+        assert doc["status"] == "complete" and doc["summary"]["num_steps"] == 7
 
 
 def torchrun_shell(script, cwd):

@@ -22,7 +22,6 @@ CASES = {
     "tp2-plain-plan": (2, ["--model_name", "tiny", "--use_vocab_parallel", "false",
                            "--sequence_parallel", "false", "--meta_init", "false",
                            "--optimizer_impl", "foreach", "--fsdp_at_dp1"]),
-    "dp2-tp2": (4, ["--model_name", "tiny", "--dp_size", "2", "--parity_steps", "5"]),
     "dp2-tp2-ga2-ac": (4, ["--model_name", "tiny", "--dp_size", "2",
                            "--gradient_accumulation_steps", "2", "--activation_checkpointing"]),
     "tp2-tied-embeddings": (2, ["--model_name", TINY_TIED]),

@@ -19,7 +19,6 @@ TINY_LLAMA = "tests/data/tiny_llama.json"
 CASES = {
     # defaults: vocab/loss + sequence parallel, FSDP2 at dp 1 too, fused AdamW
     "tp2": (2, ["--parity_steps", "5"]),
-    "dp2-tp2": (4, ["--dp_size", "2", "--parity_steps", "5"]),
     "dp2-tp2-ga2-ac-no-sp": (4, ["--dp_size", "2", "--gradient_accumulation_steps", "2",
                                  "--activation_checkpointing", "--sequence_parallel", "false",
                                  "--optimizer_impl", "foreach"]),

@@ -17,8 +17,8 @@ RUN = ["--impls", "fsdp_dtensor", "--model_name", "tiny", "--num_layers", "1",
        "--warmup_steps", "2", "--dtype", "float32", "--learning_rate", "1e-3",
        "--nproc_per_node", "2", "--confirm_rounds", "2", "--budget_minutes", "40",
        "--program", "tests/fault_injection.py"]
-GRID = ["--grid", "batch_size=4", "optimizer_impl=foreach", "sequence_parallel=false",
-        "activation_checkpointing=true", "use_vocab_parallel=false"]
+GRID = ["--grid", "batch_size=4", "sequence_parallel=false", "activation_checkpointing=true",
+        "use_vocab_parallel=false"]
 FAULTS = {"TP_BENCH_TEST_FAULT": "sweep:oom@batch_size=4;fail@activation_checkpointing=true;"
                                  "hang@use_vocab_parallel=false;drift@sequence_parallel=false"}
 
@@ -27,7 +27,7 @@ FAULTS = {"TP_BENCH_TEST_FAULT": "sweep:oom@batch_size=4;fail@activation_checkpo
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     start = time.monotonic()
-    proc = python("-m", "tp_bench", "sweep", *RUN, *GRID, "--timeout_s", "60", "--out",
+    proc = python("-m", "tp_bench", "sweep", *RUN, *GRID, "--timeout_s", "45", "--out",
                   str(out), "--plot", env=FAULTS, timeout=2400)
     return out, proc, time.monotonic() - start
 
@@ -50,11 +50,10 @@ def test_every_configuration_has_its_outcome_and_the_sweep_goes_on(sweep):
     assert outcome(use_vocab_parallel=False)["outcome"] == "timeout"
     drifted = outcome(sequence_parallel=False)
     assert drifted["outcome"] == "diverged" and "losses off the reference" in drifted["reason"]
-    assert outcome(optimizer_impl="foreach")["outcome"] == "ok"
     for row in summary["configurations"]:
         assert (out / "configs" / row["id"] / "log.txt").exists()
     best = summary["best"]["fsdp_dtensor"]
-    assert best["id"] in {outcome()["id"], outcome(optimizer_impl="foreach")["id"]}
+    assert best["id"] == outcome()["id"]     # every other configuration failed one way or another
     assert best["command"].startswith("python -m torch.distributed.run --standalone "
                                       "--nproc_per_node=2 tests/fault_injection.py")
     assert (out / "sweep.md").read_text().count("| fsdp_dtensor") == len(by_option)
@@ -77,10 +76,10 @@ def test_the_confirmation_interleaves_and_gives_a_ratio_with_its_spread(sweep):
 def test_a_second_invocation_resumes_without_running_again(sweep):
     out, _, first = sweep
     start = time.monotonic()
-    proc = python("-m", "tp_bench", "sweep", *RUN, *GRID, "--timeout_s", "60", "--out",
+    proc = python("-m", "tp_bench", "sweep", *RUN, *GRID, "--timeout_s", "45", "--out",
                   str(out), env=FAULTS, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("[measured before]") >= 8 and "sweep: " in proc.stdout
+    assert proc.stdout.count("[measured before]") >= 6 and "sweep: " in proc.stdout
     assert time.monotonic() - start < first / 3
 
 
