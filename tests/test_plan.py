@@ -50,8 +50,9 @@ def test_the_plan_holds_what_the_strategies_allocate(nproc, mesh):
         assert 0 <= measured["grads"] - planned["grads"] <= 64, (label, measured, planned)
         states = sum(planned.values())
         assert abs(measured["live"] - states) <= TOTAL_TOLERANCE * states, (label, measured)
-    assert {(x["impl"], x["zero_stage"]) for x in lines} == {
-        ("fsdp_dtensor", None), ("autotp", 0), ("autotp", 1), ("autotp", 2)}
+    expected = {("fsdp_dtensor", None), ("autotp", 0), ("autotp", 1), ("autotp", 2)}
+    assert {(x["impl"], x["zero_stage"]) for x in lines} == (
+        expected if not mesh else {("fsdp_dtensor", None), ("autotp", 1)})
 
 
 # ---------------------------------------------------------------------- the Qwen3-32B table
