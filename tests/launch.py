@@ -101,3 +101,10 @@ def parity_reports(out: Path, common: list[str], cases: dict[str, tuple[int, lis
             else:
                 found[name] = f"{name} did not run (an earlier case stopped the launch):\n{output}"
     return found
+
+
+def report_of(reports: dict, case: str) -> dict:
+    """The case's report from ``parity_reports``; fails with why there is none."""
+    report = reports[case]
+    assert isinstance(report, dict), report
+    return report

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from launch import parity_reports, torchrun
+from launch import parity_reports, report_of, torchrun
 
 COMMON = ["-m", "tp_bench", "parity", "--impl", "autotp", "--seq_length", "32",
           "--batch_size", "2", "--dtype", "float32", "--learning_rate", "1e-3",
@@ -43,12 +43,6 @@ def reports(tmp_path_factory):
         "bf16-zero1": (2, ["--model_name", "tiny", "--dtype", "bfloat16"]),
         "bf16-zero0": (2, ["--model_name", "tiny", "--dtype", "bfloat16", "--zero_stage", "0"]),
     })
-
-
-def report_of(reports, case):
-    report = reports[case]
-    assert isinstance(report, dict), report
-    return report
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from launch import parity_reports, torchrun
+from launch import parity_reports, report_of, torchrun
 from tp_bench.engine.parity import Tolerances, Trace, compare
 
 COMMON = ["-m", "tp_bench", "parity", "--impl", "fsdp_dtensor", "--seq_length", "32",
@@ -46,8 +46,7 @@ def reports(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES)
 def test_parity_with_reference(reports, case):
-    report = reports[case]
-    assert isinstance(report, dict), report
+    report = report_of(reports, case)
     assert report["ok"], report
     assert report["step0_loss_diff"] <= 1e-5
     assert report["max_loss_diff"] <= 1e-3

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from launch import parity_reports, torchrun
+from launch import parity_reports, report_of, torchrun
 from tp_bench.core.config import BenchConfig
 from tp_bench.core.dist import DistContext
 from tp_bench.core.errors import ConfigError
@@ -57,12 +57,6 @@ def reports(tmp_path_factory):
     cases |= {f"bfloat16-{name}": (n, full("bfloat16", extra))
               for name, (n, extra) in BFLOAT16.items()}
     return parity_reports(tmp_path_factory.mktemp("parity_hf_native"), COMMON[3:], cases)
-
-
-def report_of(reports, case):
-    report = reports[case]
-    assert isinstance(report, dict), report
-    return report
 
 
 @pytest.mark.parametrize("case", FLOAT32)

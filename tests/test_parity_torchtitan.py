@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from launch import parity_reports, torchrun
+from launch import parity_reports, report_of, torchrun
 
 pytest.importorskip("torchtitan")
 
@@ -37,12 +37,6 @@ def reports(tmp_path_factory):
     cases = {name: (n, ["--dtype", "float32", *extra]) for name, (n, extra) in CASES.items()}
     cases["bf16"] = (2, ["--dtype", "bfloat16"])
     return parity_reports(tmp_path_factory.mktemp("parity_torchtitan"), COMMON[3:], cases)
-
-
-def report_of(reports, case):
-    report = reports[case]
-    assert isinstance(report, dict), report
-    return report
 
 
 @pytest.mark.parametrize("case", CASES)
