@@ -185,6 +185,23 @@ def test_check_compares_the_plan_with_the_gpu_results_in_the_docs(tmp_path):
     assert "worst GPU row:" in text and "Qwen/Qwen3-1.7B (28L)" in text
 
 
+def test_check_holds_every_gpu_row_of_plan_md():
+    """docs/plan.md 4.3's table: every complete GPU run in docs/results/ within 3% of the plan,
+    eager and compiled; a run that ended in an OOM is listed, not compared."""
+    runs = REPO / "docs" / "results" / "h200-2026-12-03"
+    dirs = sorted(str(p.parent) for p in runs.rglob("results_*.json"))
+    code, text = run_cli("plan", "--check", *dirs, "--format", "json")
+    rows = json.loads(text)
+    assert code == 0 and len(rows) == len(dirs)
+    planned = [r for r in rows if r["error"] is None]
+    assert {r["model"] for r in planned} >= {f"Qwen/Qwen3-{m}" for m in ("0.6B", "1.7B", "4B", "8B")}
+    assert any(r["compile"] for r in planned) and any(r["batch_size"] == 8 for r in planned)
+    for row in planned:
+        assert abs(row["error_pct"]) < 3, row
+    cut_short = [r for r in rows if r["error"] and "ended failed" in r["error"]]
+    assert [r["file"].split("/")[-2] for r in cut_short] == ["autotp-Qwen3-4B-bs2-acoff"]
+
+
 def test_check_on_cpu_made_results(cpu_runs, tmp_path):
     honest, _ = cpu_runs
     doc = json.loads(next(honest.glob("results_*.json")).read_text())

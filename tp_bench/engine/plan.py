@@ -53,27 +53,35 @@ class Precision:
         return cls(matmul=FP32, normed=FP32, residual=FP32)
 
 
-def norm_bytes(h: int, p: Precision, tp: int, sequence_parallel: bool) -> float:
+def norm_bytes(h: int, p: Precision, tp: int, sequence_parallel: bool,
+               compiled: bool = False) -> float:
     """An RMSNorm per token: its float32 input, its normalized output and the weighted output
-    that the next matmuls save (HuggingFace's RMSNorm upcasts to float32). With sequence
-    parallelism the norm runs on 1/tp of the tokens and the matmuls save the gathered output."""
-    own = (FP32 + p.normed) * h
+    that the next matmuls save (HuggingFace's RMSNorm upcasts to float32; a compiled norm is
+    one kernel that keeps no float32 copy). With sequence parallelism the norm runs on 1/tp of
+    the tokens and the matmuls save the gathered output."""
+    own = (0 if compiled else FP32) * h + p.normed * h
     return own / tp + p.matmul * h if sequence_parallel else own + p.matmul * h
 
 
 def layer_activation_bytes(shapes: ModelShapes, p: Precision, tp: int,
-                           sequence_parallel: bool) -> float:
+                           sequence_parallel: bool, compiled: bool = False) -> float:
     """What one decoder layer saves for backward, per token: two norms; q/k norms (Qwen3;
     counted for every model, a small overestimate for Llama); q, k, v after rotary, the
     attention output and o_proj's input (SDPA/flash saves no score matrix); the log-sum-exp;
-    gate, silu(gate), up and their product in the MLP. All but the norms split over tp."""
+    gate, silu(gate), up and their product in the MLP (compiled: gate and up only, the rest
+    is recomputed in backward). All but the norms split over tp.
+
+    The compiled terms are calibrated on one H200 (docs/plan.md 4.3): torch.compile saved
+    2.19 GB at batch 1 and 17.5 GB at batch 8 on Qwen3-1.7B, 41.0 kB per token and layer,
+    the two norms' float32 copies and the MLP's two products (40.96 kB) to 0.1%."""
     c = shapes.config
     q, kv, i = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
         c.intermediate_size
     attention = (FP32 + p.matmul) * (q + kv) + p.matmul * (3 * q + 2 * kv) \
         + FP32 * c.num_attention_heads
-    mlp = 4 * p.matmul * i
-    return 2 * norm_bytes(c.hidden_size, p, tp, sequence_parallel) + (attention + mlp) / tp
+    mlp = (2 if compiled else 4) * p.matmul * i
+    return 2 * norm_bytes(c.hidden_size, p, tp, sequence_parallel, compiled) \
+        + (attention + mlp) / tp
 
 
 def logits_gathered(layout: MemoryLayout, shapes: ModelShapes, tp: int) -> bool:
@@ -271,8 +279,10 @@ def plan_row(cfg: BenchConfig, shapes: ModelShapes, budget: Optional[int] = None
 
     # Activations: every layer's, or with checkpointing each layer's input and one layer
     # recomputed at a time; the final norm; the logits and the loss.
-    per_layer = layer_activation_bytes(shapes, p, tp, layout.sequence_parallel) * tokens
-    final_norm = norm_bytes(c.hidden_size, p, tp, layout.sequence_parallel) * tokens
+    compiled = bool(cfg.compile)
+    per_layer = layer_activation_bytes(shapes, p, tp, layout.sequence_parallel,
+                                       compiled) * tokens
+    final_norm = norm_bytes(c.hidden_size, p, tp, layout.sequence_parallel, compiled) * tokens
     if cfg.activation_checkpointing:
         split = tp if layout.sequence_parallel else 1
         saved = c.num_layers * p.residual * c.hidden_size * tokens / split + final_norm

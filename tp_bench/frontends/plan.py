@@ -245,6 +245,8 @@ def predicted_vs_measured(doc: dict[str, Any]) -> dict[str, Any]:
                            "memory": kind}
     dims = ParallelDims(config.get("dp_size", 1), config.get("tp_size") or 1)
     out["mesh"] = dims.label
+    if doc.get("status") != "complete":     # a peak cut short (an OOM, a stop) is no step's peak
+        return {**out, "error": f"the run ended {doc.get('status')}, its peak is not compared"}
     try:
         # The attention kernel changes nothing here; flash_attn need not be installed.
         cfg = BenchConfig(**{**config, "attn_impl": "sdpa"})
