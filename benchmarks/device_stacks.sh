@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # device_stacks.sh OUT: the stacks side by side on one GPU (docs/PERFORMANCE.md): Qwen3-1.7B,
 # seq 2048, 20 steps, fsdp_dtensor / torchtitan / hf_native eager and fsdp_dtensor / torchtitan
-# compiled, interleaved, ROUNDS times; every results file packed into OUT/stacks.tgz.
+# compiled, interleaved, ROUNDS times (BATCH: micro-batch, default 1; ORDER: the configurations,
+# default all five); every results file packed into OUT/stacks.tgz.
 set -uo pipefail
 out=$1
 rounds=${ROUNDS:-2}
 common=(--model_name Qwen/Qwen3-1.7B --seq_length 2048 --num_training_steps 20 --warmup_steps 5
-        --log_interval 5)
+        --log_interval 5 --batch_size "${BATCH:-1}")
 declare -A configs=(
   [fsdp_dtensor-eager]="--impl fsdp_dtensor"
   [torchtitan-eager]="--impl torchtitan"
@@ -14,7 +15,7 @@ declare -A configs=(
   [fsdp_dtensor-compile]="--impl fsdp_dtensor --compile"
   [torchtitan-compile]="--impl torchtitan --compile"
 )
-order=(fsdp_dtensor-eager torchtitan-eager hf_native-eager fsdp_dtensor-compile torchtitan-compile)
+read -r -a order <<< "${ORDER:-fsdp_dtensor-eager torchtitan-eager hf_native-eager fsdp_dtensor-compile torchtitan-compile}"
 for round in $(seq 1 "$rounds"); do
   for name in "${order[@]}"; do
     dir="$out/stacks/round$round/$name"
@@ -22,9 +23,9 @@ for round in $(seq 1 "$rounds"); do
     # shellcheck disable=SC2086
     timeout 240 python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmark.py \
       "${common[@]}" ${configs[$name]} --output_dir "$dir" > "$dir/log.txt" 2>&1
-    echo "round $round $name: exit $? $(grep -h 'tokens/s' "$dir/log.txt" | tail -1)"
+    echo "round $round $name: exit $? $(grep -h "^summary" "$dir/log.txt" | tail -1 | cut -c1-160)"
   done
 done
-python3 -m tp_bench compare "$out"/stacks/round* > "$out/stacks_compare.txt" 2>&1
+python3 -m tp_bench compare "$out"/stacks/round*/*/ > "$out/stacks_compare.txt" 2>&1
 cat "$out/stacks_compare.txt"
 (cd "$out" && tar czf stacks.tgz stacks)
