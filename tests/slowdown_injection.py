@@ -2,9 +2,13 @@
 calibration (never used in production).
 
 TP_BENCH_TEST_SLOWDOWN=FACTOR: after each phase the step driver runs, sleep (FACTOR - 1) times
-the time the phase just took, so every phase, and every step, takes about FACTOR times as long,
-as a real regression of the work would make it (on CPU, where a phase has finished when it
-returns; on a GPU this would only stretch the launch time).
+the fastest this phase has taken so far on this rank, as a real regression of the work would
+slow it (on CPU, where a phase has finished when it returns; on a GPU this would only stretch
+the launch time). The fastest time, not the last one: a phase's time includes waiting for the
+other ranks' sleeps in collectives, and sleeping in proportion to that compounded (2x came out
+as 2.2-3.1x on 2 CPU ranks). The price: a noisy phase's median grows by less than the factor
+(measured on the 2-core machine: 1.3 -> 1.21x, 2 -> 1.61x, docs/compare.md), so the gate's
+power is stated for the measured slowdown, not the nominal one.
 
 Two ways in: ``python tests/slowdown_injection.py [benchmark options]`` for a run, and
 ``-p slowdown_injection`` (with tests/ on PYTHONPATH) for the benchmark suite.
@@ -19,10 +23,15 @@ factor = float(os.environ.get("TP_BENCH_TEST_SLOWDOWN", "1"))
 original = StepDriver.run_phase
 
 
+fastest: dict[str, float] = {}
+
+
 def slow_phase(self, phase):
     start = time.perf_counter()
     result = original(self, phase)
-    time.sleep((factor - 1) * (time.perf_counter() - start))
+    took = time.perf_counter() - start
+    fastest[phase] = min(took, fastest.get(phase, took))
+    time.sleep((factor - 1) * fastest[phase])
     return result
 
 

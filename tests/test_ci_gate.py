@@ -73,6 +73,24 @@ def test_a_history_raises_the_bar_to_what_honest_runs_did():
     assert judge(one(rounds(100)), sample(rounds(119)), 0.15).status == "regression"
 
 
+def test_a_second_fresh_run_confirms_a_regression_or_clears_it():
+    """A whole run 40% slower (a shifted machine) fails alone; the next run, back to normal,
+    clears it; a slower code is slower in both and stays a regression."""
+    base = {"a": one(rounds(100), name="a")}
+    shifted, normal = {"a": sample(rounds(140), "a")}, {"a": sample(rounds(101), "a")}
+    first = gate(base, shifted, 0.10)
+    assert [v.status for v in first] == ["regression"]
+    (cleared,) = ci_gate.confirm(first, gate(base, normal, 0.10))
+    assert cleared.status == "unconfirmed" and cleared.confirmation.status == "ok"
+    assert "not in the second (+1.0%, ok)" in ci_gate.describe(cleared, "median")
+    (kept,) = ci_gate.confirm(first, gate(base, {"a": sample(rounds(130), "a")}, 0.10))
+    assert kept.status == "regression"
+    assert "confirmed by the second fresh run (+30.0%, regression)" in \
+        ci_gate.describe(kept, "median")
+    (absent,) = ci_gate.confirm(first, [])       # not measured in the second run: not confirmed
+    assert absent.status == "unconfirmed"
+
+
 def test_without_per_round_data_the_quartile_rule_decides():
     base = Sample("b", median=100, min=90, q1=95, q3=105, rounds=15, source="saved")
     assert judge(Baseline((base,)), Sample("b", 130, 120, 125, 140, 15, "s"), 0.15).status \
@@ -137,7 +155,7 @@ def test_exit_status_and_message_on_regression(tmp_path, capsys):
     assert ci_gate.main([str(base), str(fresh), "--summary", str(summary)]) == 1
     out = capsys.readouterr().out
     assert ("REGRESSION tests_bench/test_x.py::test_step[x]: slower by 50.0% "
-            "(median 1 s -> 1.5 s), beyond the 15% threshold and significant (Mann-Whitney p = ") \
+            "(median 1 s -> 1.5 s), beyond the 10% threshold and significant (Mann-Whitney p = ") \
         in out
     assert "| **regression** |" in summary.read_text()
     assert ci_gate.main([str(base), str(base)]) == 0
@@ -266,6 +284,19 @@ def test_pytest_benchmark_run_with_injected_slowdown_fails(pytest_benchmark_runs
     assert slowdown_in(proc.stdout) > float(CPU_THRESHOLD)
 
 
+def test_confirm_through_the_command_line(tmp_path):
+    paths = {}
+    for label, center in (("base", 100), ("shifted", 140), ("normal", 101), ("slow", 130)):
+        paths[label] = tmp_path / f"{label}.json"
+        write_pytest_benchmark(paths[label], [t / 1000 for t in rounds(center)])
+    assert ci_gate.main([str(paths["base"]), str(paths["shifted"])]) == 1
+    assert ci_gate.main([str(paths["base"]), str(paths["shifted"]), "--confirm",
+                         str(paths["normal"])]) == 0
+    assert ci_gate.main([str(paths["base"]), str(paths["shifted"]), "--confirm",
+                         str(paths["slow"])]) == 1
+
+
 def test_help_states_the_rule():
     text = ci_gate.build_parser("gate").format_help()
     assert "Mann-Whitney U" in text and "history spread" in text and "Exit status" in text
+    assert "--confirm" in text and "Confirmation" in text
