@@ -26,6 +26,7 @@ thresholds, evaluated on the same runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -63,9 +64,12 @@ def suite_run(path: Path, nproc: int, factor: float, extra: list[str]) -> None:
           f"load {load:.1f}", flush=True)
 
 
+# Every run is read once, though each takes part in many comparisons.
+load = functools.lru_cache(maxsize=None)(gate.load_samples)
+
+
 def verdicts(baseline: Path, fresh: Path, threshold: float) -> list[gate.Verdict]:
-    return gate.gate(gate.single(gate.load_samples(baseline)), gate.load_samples(fresh),
-                     threshold)
+    return gate.gate(gate.single(load(baseline)), load(fresh), threshold)
 
 
 def fails(baseline: Path, fresh: Path, confirm: Path | None, threshold: float) -> bool:
@@ -79,7 +83,7 @@ def fails(baseline: Path, fresh: Path, confirm: Path | None, threshold: float) -
 
 def effective(honest: Path, slowed: Path) -> list[float]:
     """Per benchmark: the slowed run's median over the honest run's."""
-    h, s = gate.load_samples(honest), gate.load_samples(slowed)
+    h, s = load(honest), load(slowed)
     return [s[k].median / h[k].median for k in h if k in s]
 
 
@@ -101,8 +105,8 @@ def main() -> None:
               for f in args.factors}
     for i in range(n + 2):
         suite_run(honest[i], args.nproc, 1.0, args.suite_args)
-        for factor in args.factors:
-            if i < n + 1:
+        if i <= n:
+            for factor in args.factors:
                 suite_run(slowed[factor][i], args.nproc, factor, args.suite_args)
     rows = []
     for threshold in [gate.DEFAULT_THRESHOLD] + [t / 100 for t in args.thresholds]:

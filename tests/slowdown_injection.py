@@ -7,7 +7,7 @@ slow it (on CPU, where a phase has finished when it returns; on a GPU this would
 the launch time). The fastest time, not the last one: a phase's time includes waiting for the
 other ranks' sleeps in collectives, and sleeping in proportion to that compounded (2x came out
 as 2.2-3.1x on 2 CPU ranks). The price: a noisy phase's median grows by less than the factor
-(measured on the 2-core machine: 1.3 -> 1.21x, 2 -> 1.61x, docs/compare.md), so the gate's
+(measured on the 2-core machine: 1.3 -> 1.19x, 2 -> 1.64x, docs/compare.md), so the gate's
 power is stated for the measured slowdown, not the nominal one.
 
 Two ways in: ``python tests/slowdown_injection.py [benchmark options]`` for a run, and

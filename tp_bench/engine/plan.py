@@ -279,10 +279,10 @@ def plan_row(cfg: BenchConfig, shapes: ModelShapes, budget: Optional[int] = None
 
     # Activations: every layer's, or with checkpointing each layer's input and one layer
     # recomputed at a time; the final norm; the logits and the loss.
-    compiled = bool(cfg.compile)
+    # --compile compiles each decoder layer, not the final norm.
     per_layer = layer_activation_bytes(shapes, p, tp, layout.sequence_parallel,
-                                       compiled) * tokens
-    final_norm = norm_bytes(c.hidden_size, p, tp, layout.sequence_parallel, compiled) * tokens
+                                       bool(cfg.compile)) * tokens
+    final_norm = norm_bytes(c.hidden_size, p, tp, layout.sequence_parallel) * tokens
     if cfg.activation_checkpointing:
         split = tp if layout.sequence_parallel else 1
         saved = c.num_layers * p.residual * c.hidden_size * tokens / split + final_norm
