@@ -1,6 +1,7 @@
 # Sourced by the SLURM scripts: the rendezvous endpoint (the allocation's first node), ranks per
 # node (its GPUs, else 2) and the mesh options from the environment.
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# sed reads every line: `head -n1` could end scontrol with SIGPIPE, fatal under pipefail
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 export RDZV_ENDPOINT="${RDZV_ENDPOINT:-$head_node:${RDZV_PORT:-29500}}"
 if [ -z "${RANKS_PER_NODE:-}" ]; then
   RANKS_PER_NODE=$(nvidia-smi -L 2>/dev/null | wc -l || true)
