@@ -61,6 +61,55 @@ def test_num_layers_and_attn_impl_are_honoured():
     assert builder.model_config(num_layers=2).num_layers == 2
 
 
+def test_fused_norm_is_huggingfaces_norm_in_one_kernel():
+    """--norm_impl fused swaps every RMSNorm (two per layer, q/k norms, the final norm) for
+    F.rms_norm: same parameter names, same output in float32; a mixed-dtype input keeps
+    HuggingFace's forward (type promotion)."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    builder = get_model_builder("tiny")
+    hf = builder.create_model("cpu", torch.float32, num_layers=2, norm_impl="hf")
+    fused = builder.create_model("cpu", torch.float32, num_layers=2)
+    builder.init_weights(hf, seed=3)
+    builder.init_weights(fused, seed=3)
+    with torch.no_grad():
+        for p in hf.parameters():      # norms away from 1, so the weight enters
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+        fused.load_state_dict(hf.state_dict())
+    norms = [m for m in fused.modules() if isinstance(m, Qwen3RMSNorm)]
+    assert len(norms) == 2 * 4 + 1 and all(type(m) is not Qwen3RMSNorm for m in norms)
+    assert all(type(m) is Qwen3RMSNorm for m in hf.modules() if isinstance(m, Qwen3RMSNorm))
+    assert [n for n, _ in hf.named_parameters()] == [n for n, _ in fused.named_parameters()]
+    ids = torch.randint(0, 8192, (2, 16))
+    diff = (fused(input_ids=ids).logits - hf(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-5
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    assert torch.equal(norms[-1](x), Qwen3RMSNorm.forward(norms[-1], x))   # float32 weight
+    with torch.no_grad():
+        assert torch.equal(norms[-1](x.float()), torch.nn.functional.rms_norm(
+            x.float(), (256,), norms[-1].weight, norms[-1].variance_epsilon))
+
+
+def test_the_causal_loss_is_huggingfaces():
+    """strategies.causal_loss computes what model(labels=...).loss does, and ignores what
+    HuggingFace ignores."""
+    from tp_bench.core.data import Batch
+    from tp_bench.strategies.causal_loss import eager_causal_lm_loss
+
+    builder = get_model_builder("tiny")
+    model = builder.create_model("cpu", torch.float32, num_layers=1)
+    builder.init_weights(model, seed=1)
+    ids = torch.randint(0, 8192, (2, 16))
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+    ours = eager_causal_lm_loss(model, Batch(ids, labels))
+    theirs = model(input_ids=ids, labels=labels).loss
+    assert abs(ours.item() - theirs.item()) < 1e-6
+    labels[1, 3] = 7                                      # a changed label changes the loss
+    assert abs(eager_causal_lm_loss(model, Batch(ids, labels)).item() - theirs.item()) > 1e-4
+
+
 def test_init_weights_is_deterministic_and_follows_the_model_init():
     builder = get_model_builder("tiny")
     a = builder.create_model("cpu", torch.float32, num_layers=1)

@@ -78,16 +78,22 @@ def test_bf16_cast_policy_starts_from_exact_master_weights(cast_reports, case):
     assert report["max_loss_diff"] <= 5e-3
 
 
+# bf16 rounding noise in the gradient norm over the parity steps, at lr 1e-3: 2.6e-3 with
+# HuggingFace's RMSNorm, 5.6e-3 with the fused one (--norm_impl, the default); the defect this
+# bound catches (ZeRO 0's norm, below) is 18%.
+BF16_GRAD_NORM_NOISE = 1e-2
+
+
 def test_bf16_zero1_tracks_the_reference(reports):
     report = report_of(reports, "bf16-zero1")
     assert report["ok"], report
-    assert report["max_grad_norm_rel_diff"] <= 5e-3
+    assert report["max_grad_norm_rel_diff"] <= BF16_GRAD_NORM_NOISE
 
 
 @pytest.mark.xfail(strict=True, reason="DeepSpeed 0.19.8: with bf16 at ZeRO 0 under AutoTP the "
                    "engine's gradient norm is ~18% low on this model, so clipping is too weak")
 def test_bf16_zero0_grad_norm(reports):
-    assert report_of(reports, "bf16-zero0")["max_grad_norm_rel_diff"] <= 5e-3
+    assert report_of(reports, "bf16-zero0")["max_grad_norm_rel_diff"] <= BF16_GRAD_NORM_NOISE
 
 
 def test_deepspeed_groups_are_the_seed_rows_and_columns():

@@ -104,6 +104,7 @@ def test_torchtitans_model_computes_the_hf_function(model_name):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(model_name=TINY_QWEN2), "torchtitan's own Qwen3 and Llama3 models; 'qwen2' is neither"),
     (dict(attn_impl="eager"), "--attn_impl eager does not apply to --impl torchtitan"),
+    (dict(norm_impl="hf"), "--norm_impl hf does not apply to --impl torchtitan"),
     (dict(dtype="float16"), "casts parameters to bfloat16 only"),
     (dict(async_tp=True, compile=True), "--async_tp needs CUDA, --compile and tp_size > 1"),
     (dict(use_vocab_parallel=False), "--use_vocab_parallel false is not offered by --impl "

@@ -23,6 +23,7 @@ from tp_bench.core.errors import ConfigError
 
 DTYPES = ("bfloat16", "float16", "float32")
 ATTN_IMPLS = ("sdpa", "flash_attention_2", "eager")
+NORM_IMPLS = ("fused", "hf")
 TIMING_MODES = ("events", "sync", "none")
 OPTIMIZER_IMPLS = ("fused", "foreach")
 
@@ -50,6 +51,9 @@ class BenchConfig:
                            "local directory or config.json path", MODEL)
     num_layers: int = _opt(0, "Override number of layers (0 = use model default)", MODEL)
     attn_impl: str = _opt("sdpa", "Attention implementation", MODEL, ATTN_IMPLS)
+    norm_impl: str = _opt("fused", "RMSNorm of the HuggingFace model: one fused kernel "
+                          "(F.rms_norm, as torchtitan's model) or HuggingFace's own float32 "
+                          "upcasting code (models.fused_norm)", MODEL, NORM_IMPLS)
     # Parallelism
     impl: str = _opt("autotp", "TP implementation", PARALLEL)
     tp_size: Optional[int] = _opt(None, "Tensor parallel degree (default: world_size / dp_size)",
@@ -119,6 +123,7 @@ class BenchConfig:
         """Check options that need neither a model nor a strategy; return a copy with tp_size
         resolved."""
         for name, allowed in (("dtype", DTYPES), ("attn_impl", ATTN_IMPLS),
+                              ("norm_impl", NORM_IMPLS),
                               ("timing", TIMING_MODES), ("optimizer_impl", OPTIMIZER_IMPLS),
                               ("zero_stage", (None, 0, 1, 2, 3))):
             value = getattr(self, name)

@@ -47,7 +47,7 @@ def reference_trace(cfg: BenchConfig, num_steps: int, device: torch.device,
 
     builder = get_model_builder(cfg.model_name)
     master = builder.create_model(device, torch.float32, num_layers=cfg.num_layers,
-                                  attn_impl=cfg.attn_impl)
+                                  attn_impl=cfg.attn_impl, norm_impl=cfg.norm_impl)
     builder.init_weights(master, cfg.seed)
     optimizer = torch.optim.AdamW(master.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)

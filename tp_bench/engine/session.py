@@ -85,7 +85,7 @@ class Session:
         cfg, builder, device = self.cfg, self.builder, self.ctx.device
         where = self.strategy.build_device(cfg, builder, device)
         model = builder.create_model(where, torch.float32, num_layers=cfg.num_layers,
-                                     attn_impl=cfg.attn_impl)
+                                     attn_impl=cfg.attn_impl, norm_impl=cfg.norm_impl)
         if where != "meta":
             builder.init_weights(model, cfg.seed)   # full values first, then sharded copies
         parallelized = self.strategy.parallelize(model, builder, self.mesh, cfg, device)

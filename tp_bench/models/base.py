@@ -108,8 +108,9 @@ class BaseModelBuilder(ABC):
 
     @abstractmethod
     def create_model(self, device: torch.device | str, dtype: torch.dtype, num_layers: int = 0,
-                     attn_impl: str = "sdpa") -> nn.Module:
-        """Create the model (random init) on ``device`` ("meta" allowed) in ``dtype``."""
+                     attn_impl: str = "sdpa", norm_impl: str = "fused") -> nn.Module:
+        """Create the model (random init) on ``device`` ("meta" allowed) in ``dtype``, its
+        RMSNorms fused or HuggingFace's (``models.fused_norm``)."""
 
     @abstractmethod
     def get_tp_mapping(self) -> dict[str, Any]:

@@ -9,17 +9,20 @@ import torch
 from torch import nn
 
 from tp_bench.models.base import BaseModelBuilder
+from tp_bench.models.fused_norm import use_fused_rms_norm
 
 
 class HFCausalLMBuilder(BaseModelBuilder):
     def create_model(self, device: torch.device | str, dtype: torch.dtype, num_layers: int = 0,
-                     attn_impl: str = "sdpa") -> nn.Module:
+                     attn_impl: str = "sdpa", norm_impl: str = "fused") -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         config = self.hf_config_for(num_layers, attn_impl)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                      attn_implementation=attn_impl)
+        if norm_impl == "fused":
+            use_fused_rms_norm(model)
         return model
 
     def get_tp_mapping(self) -> dict[str, Any]:

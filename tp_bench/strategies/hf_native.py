@@ -49,7 +49,9 @@ from tp_bench.core.dims import Mesh
 from tp_bench.core.errors import ConfigError
 from tp_bench.core.precision import compute_policy, precision_record
 from tp_bench.models.base import BaseModelBuilder
+from tp_bench.models.fused_norm import use_fused_rms_norm
 from tp_bench.strategies.base import Parallelized, Strategy
+from tp_bench.strategies.causal_loss import causal_lm_loss
 from tp_bench.strategies.dtensor_steps import apply_compile, apply_fsdp, mixed_precision_policy
 from tp_bench.strategies.torch_trainer import TorchTrainer
 
@@ -172,6 +174,8 @@ def build_model(cfg: BenchConfig, builder: BaseModelBuilder, mesh: Mesh,
                            f"{sorted(set(names) ^ set(expected))[:4]} that differ from "
                            f"{model_cls.__name__}'s own names")
     check_layout(model, mesh)
+    if cfg.norm_impl == "fused":
+        use_fused_rms_norm(model)
     builder.init_weights(model, cfg.seed)
     return model
 
@@ -231,7 +235,7 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
     if cfg.compile:
         # In place, per layer; at dp > 1 after transformers' FSDP2, whose hooks dynamo skips.
         apply_compile(layers)
-        applied.append("per-layer torch.compile")
+        applied.append("per-layer torch.compile + compiled loss")
     mechanism = {"none": "none", "autocast": "torch.autocast"}.get(policy)
     if policy == "cast" and dims.dp > 1:
         mechanism = "transformers FSDP2 mixed precision (DistributedConfig.fsdp_mixed_precision)"
@@ -252,9 +256,10 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
                   "fsdp": "transformers FSDP2 (its fsdp_plan) over dp" if dims.dp > 1 else
                           ("fully_shard per layer + root at dp 1" if policy == "cast" else None),
                   "activation_checkpointing": cfg.activation_checkpointing,
-                  "compile": "per transformer layer" if cfg.compile else None,
+                  "compile": "per transformer layer + loss" if cfg.compile else None,
                   "meta_init": True},   # from_pretrained builds on meta
-        precision=precision_record(cfg.dtype, cfg.autocast, "float32", mechanism, None))
+        precision=precision_record(cfg.dtype, cfg.autocast, "float32", mechanism, None),
+        forward_loss=causal_lm_loss(compiled=cfg.compile))
 
 
 def environment() -> dict[str, Any]:

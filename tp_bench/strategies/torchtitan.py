@@ -36,13 +36,13 @@ from tp_bench.core.precision import compute_policy
 from tp_bench.models import get_model_builder
 from tp_bench.models.base import BaseModelBuilder, canonical_param_name, write_full_value
 from tp_bench.strategies.base import Parallelized, Strategy
+from tp_bench.strategies.causal_loss import IGNORE_INDEX
 from tp_bench.strategies.dtensor_steps import fsdp_precision
 from tp_bench.strategies.torch_trainer import TorchTrainer
 from tp_bench.strategies.torchtitan_compat import import_torchtitan, version
 from tp_bench.strategies.torchtitan_model import TorchtitanModel, layer_groups, unsupported
 
 SPMD_BACKEND = "partial_dtensor"
-IGNORE_INDEX = -100   # torch's and torchtitan's cross-entropy ignore index
 
 
 def check(cfg: BenchConfig, builder: BaseModelBuilder, device: torch.device) -> None:
@@ -53,6 +53,9 @@ def check(cfg: BenchConfig, builder: BaseModelBuilder, device: torch.device) -> 
     if cfg.attn_impl != "sdpa":
         raise ConfigError(f"--attn_impl {cfg.attn_impl} does not apply to --impl torchtitan "
                           f"(torchtitan's model uses its own SDPA attention)")
+    if cfg.norm_impl != "fused":
+        raise ConfigError(f"--norm_impl {cfg.norm_impl} does not apply to --impl torchtitan "
+                          f"(torchtitan's model uses its own fused RMSNorm)")
     if compute_policy(cfg.dtype, cfg.autocast) == "cast" and cfg.dtype != "bfloat16":
         raise ConfigError(f"--impl torchtitan casts parameters to bfloat16 only "
                           f"(mixed_precision_param); use --autocast for --dtype {cfg.dtype}")
