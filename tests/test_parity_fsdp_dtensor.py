@@ -32,6 +32,9 @@ CASES = {
     "tp2-qwen2-bias-no-sp": (2, ["--model_name", TINY_QWEN2, "--sequence_parallel", "false"]),
     "tp2-compile": (2, ["--model_name", "tiny", "--num_layers", "1", "--compile",
                         "--parity_steps", "3"]),
+    # the compiled loss (strategies.causal_loss; not over vocabulary-sharded logits) under FSDP2
+    "dp2-compile": (2, ["--model_name", "tiny", "--num_layers", "1", "--compile", "--dp_size",
+                        "2", "--parity_steps", "3"]),
     # HSDP: parameters sharded within a replica group, replicated across them
     "hsdp-rep2-shard2": (4, ["--model_name", "tiny", "--num_layers", "2", "--dp_size", "4",
                              "--dp_replicate", "2"]),
@@ -83,3 +86,18 @@ def test_qwen3_qk_norms_need_their_plan_entry(tmp_path):
     assert proc.returncode == 1 and not report["ok"]
     assert report["max_grad_rel_diff"] > 0.1
     assert report["worst_grad"].endswith(("q_norm.weight", "k_norm.weight"))
+
+
+def test_the_loss_is_compiled_where_the_logits_are_whole():
+    """--compile compiles the loss (dp2-compile above checks it) but not under loss_parallel,
+    where the compiled cross-entropy came out per vocabulary shard (tp2-compile checks that)."""
+    from tp_bench.core.config import BenchConfig
+    from tp_bench.core.dims import ParallelDims
+    from tp_bench.strategies.fsdp_dtensor import compiles_loss
+
+    cfg = BenchConfig(impl="fsdp_dtensor", compile=True, use_vocab_parallel=True)
+    assert compiles_loss(cfg, ParallelDims(dp=2, tp=1))
+    assert not compiles_loss(cfg, ParallelDims(dp=1, tp=2))
+    assert compiles_loss(BenchConfig(impl="fsdp_dtensor", compile=True, use_vocab_parallel=False),
+                         ParallelDims(dp=1, tp=2))
+    assert not compiles_loss(BenchConfig(impl="fsdp_dtensor"), ParallelDims(dp=2, tp=1))

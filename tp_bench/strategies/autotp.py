@@ -41,6 +41,7 @@ from tp_bench.core.dist import rank0_print
 from tp_bench.core.precision import compute_policy, precision_record
 from tp_bench.models.base import BaseModelBuilder, canonical_param_name
 from tp_bench.strategies.base import Parallelized, StepStats, Strategy, Trainer
+from tp_bench.strategies.causal_loss import causal_lm_loss
 from tp_bench.strategies.memory import FLAT, FLAT_TOUCHED, FLAT_WHOLE, Held, MemoryLayout
 from tp_bench.strategies.vocab_parallel import (VocabParallelEmbedding, VocabParallelLMHead,
                                                 vocab_parallel_causal_cross_entropy)
@@ -242,7 +243,8 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
     if cfg.compile:
         for layer in builder.get_transformer_layers(model):
             layer.compile()
-        applied.append("per-layer torch.compile")
+        # tp_bench's vocabulary-parallel loss is not compiled (its collectives are explicit).
+        applied.append("per-layer torch.compile" + ("" if vocab_parallel else " + compiled loss"))
     if (cfg.zero_stage == 0 and cfg.dtype != "float32" and not cfg.autocast and tp > 1
             and cfg.max_grad_norm > 0):
         rank0_print(f"tp_bench: warning: DeepSpeed's {cfg.dtype} optimizer at ZeRO 0 under "
@@ -250,7 +252,7 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
                     f"gradients only; about 18% low in our parity test), so clipping is weaker "
                     f"than --max_grad_norm asks; ZeRO 1, 2 and 3 are exact")
     forward_loss = (_vocab_parallel_loss(builder.get_lm_head(model).vocab_start, tp_group)
-                    if vocab_parallel else None)
+                    if vocab_parallel else causal_lm_loss(compiled=cfg.compile))
     return Parallelized(
         model=model,
         plan=applied_plan(model) if tp > 1 else None,
@@ -258,12 +260,13 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
         settings={"api": AUTOTP_API, "vocab_parallel": vocab_parallel,
                   "zero_stage": cfg.zero_stage,
                   "activation_checkpointing": cfg.activation_checkpointing,
-                  "compile": "per transformer layer" if cfg.compile else None,
+                  "compile": ("per transformer layer" + ("" if vocab_parallel else " + loss"))
+                  if cfg.compile else None,
                   "meta_init": False, "build_device": str(init_device),
                   "deepspeed_config": config},
         precision=precision_record(cfg.dtype, cfg.autocast, *_module_precision(cfg), None),
         engine=engine,
-        **({"forward_loss": forward_loss} if forward_loss else {}))
+        forward_loss=forward_loss)
 
 
 def _module_precision(cfg: BenchConfig) -> tuple[str, str]:
@@ -354,7 +357,8 @@ def memory_layout(cfg: BenchConfig, dims: ParallelDims) -> MemoryLayout:
     low = 2 if compute_policy(cfg.dtype, cfg.autocast) == "cast" else 4
     vocab_parallel = bool(cfg.use_vocab_parallel) and dims.tp > 1
     common = dict(build="full", vocab_parallel=vocab_parallel,
-                  loss="fused" if vocab_parallel else "hf", lm_head_split=True,
+                  loss="fused" if vocab_parallel else "compiled" if cfg.compile else "hf",
+                  lm_head_split=True,
                   logits_gathered=not vocab_parallel)
     if cfg.zero_stage == 0:
         if low == 4:        # the client AdamW on float32 parameters, gradients all-reduced

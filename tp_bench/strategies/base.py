@@ -18,14 +18,10 @@ from tp_bench.core.config import BenchConfig
 from tp_bench.core.data import Batch
 from tp_bench.core.dims import Mesh, ParallelDims
 from tp_bench.models.base import BaseModelBuilder
+from tp_bench.strategies.causal_loss import ForwardLoss, eager_causal_lm_loss
 from tp_bench.strategies.memory import MemoryLayout
 
 Number = Union[torch.Tensor, float, None]
-
-
-def hf_causal_lm_loss(model: Callable, batch: Batch) -> torch.Tensor:
-    """The HuggingFace model's own causal-LM loss (position t predicts label t+1)."""
-    return model(input_ids=batch.input_ids, labels=batch.labels, use_cache=False).loss
 
 
 @dataclass
@@ -37,7 +33,7 @@ class Parallelized:
     techniques: list[str]               # what was applied, in order (one log line)
     settings: dict[str, Any]            # the results' "strategy" block
     precision: dict[str, Any]           # the results' "precision" block, but loss scaling
-    forward_loss: Callable[[Callable, Batch], torch.Tensor] = hf_causal_lm_loss
+    forward_loss: ForwardLoss = eager_causal_lm_loss   # strategies.causal_loss
     contexts: tuple[Callable[[], ContextManager], ...] = ()   # around forward and backward
     engine: Any = None                  # a framework engine that trains the model (DeepSpeed's)
 

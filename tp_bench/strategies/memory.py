@@ -51,7 +51,9 @@ class MemoryLayout:
     build: str = "meta"            # "meta": shards materialized; "full": full fp32 model first
     sequence_parallel: bool = False      # norms and the residual stream split over tp
     vocab_parallel: bool = False         # embedding, lm_head and logits split over tp
-    loss: str = "hf"               # "hf": HuggingFace's cross-entropy; "fused": in-place softmax
+    # "hf": HuggingFace's cross-entropy, eager; "compiled": the same, compiled (--compile);
+    # "fused": tp_bench's vocabulary-parallel loss (an in-place softmax)
+    loss: str = "hf"
     lm_head_split: bool = False    # lm_head column-parallel without vocab parallelism (untied),
     logits_gathered: bool = False  # gathering the full logits on every rank
     dp_grad_sync: str = "reduce_scatter"  # or "all_reduce"
