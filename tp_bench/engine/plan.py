@@ -54,33 +54,40 @@ class Precision:
 
 
 def norm_bytes(h: int, p: Precision, tp: int, sequence_parallel: bool,
-               compiled: bool = False) -> float:
+               fused: bool = False) -> float:
     """An RMSNorm per token: its float32 input, its normalized output and the weighted output
-    that the next matmuls save (HuggingFace's RMSNorm upcasts to float32; a compiled norm is
-    one kernel that keeps no float32 copy). With sequence parallelism the norm runs on 1/tp of
-    the tokens and the matmuls save the gathered output."""
-    own = (0 if compiled else FP32) * h + p.normed * h
+    that the next matmuls save (HuggingFace's RMSNorm upcasts to float32; a fused norm,
+    ``--norm_impl fused`` or a compiled layer, is one kernel that keeps its input and no float32
+    copy). With sequence parallelism the norm runs on 1/tp of the tokens and the matmuls save
+    the gathered output."""
+    own = (0 if fused else FP32) * h + p.normed * h
     return own / tp + p.matmul * h if sequence_parallel else own + p.matmul * h
 
 
 def layer_activation_bytes(shapes: ModelShapes, p: Precision, tp: int,
-                           sequence_parallel: bool, compiled: bool = False) -> float:
+                           sequence_parallel: bool, compiled: bool = False,
+                           fused_norm: bool = False) -> float:
     """What one decoder layer saves for backward, per token: two norms; q/k norms (Qwen3;
     counted for every model, a small overestimate for Llama); q, k, v after rotary, the
-    attention output and o_proj's input (SDPA/flash saves no score matrix); the log-sum-exp;
+    attention output, which o_proj saves too (SDPA writes it in the layout o_proj reads, so the
+    transpose back is a view; SDPA/flash saves no score matrix); the log-sum-exp;
     gate, silu(gate), up and their product in the MLP (compiled: gate and up only, the rest
     is recomputed in backward). All but the norms split over tp.
 
     The compiled terms are calibrated on one H200 (docs/plan.md 4.3): torch.compile saved
     2.19 GB at batch 1 and 17.5 GB at batch 8 on Qwen3-1.7B, 41.0 kB per token and layer,
-    the two norms' float32 copies and the MLP's two products (40.96 kB) to 0.1%."""
+    the two norms' float32 copies and the MLP's two products (40.96 kB) to 0.1%; the compiled
+    graph still keeps float32 q and k. Eager fused norms keep none of the float32 copies.
+    Counting o_proj's input as a second copy of the attention output overestimated every
+    eager GPU row by 2 bytes x q per token and layer (+0.8% to +2.9%; now within 0.6%)."""
     c = shapes.config
     q, kv, i = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
         c.intermediate_size
-    attention = (FP32 + p.matmul) * (q + kv) + p.matmul * (3 * q + 2 * kv) \
+    qk_copy = FP32 if compiled or not fused_norm else 0
+    attention = (qk_copy + p.matmul) * (q + kv) + p.matmul * (2 * q + 2 * kv) \
         + FP32 * c.num_attention_heads
     mlp = (2 if compiled else 4) * p.matmul * i
-    return 2 * norm_bytes(c.hidden_size, p, tp, sequence_parallel, compiled) \
+    return 2 * norm_bytes(c.hidden_size, p, tp, sequence_parallel, compiled or fused_norm) \
         + (attention + mlp) / tp
 
 
@@ -95,13 +102,18 @@ def loss_bytes(layout: MemoryLayout, shapes: ModelShapes, p: Precision, tp: int,
 
     HuggingFace's loss: the logits, their float32 copy and log_softmax's output in forward
     (log_softmax's output is saved); in backward its gradient and the gradient of its input
-    exist beside it (12 bytes per logit). The fused vocabulary-parallel loss
-    (strategies.vocab_parallel) keeps one float32 softmax and computes its gradient in place.
+    exist beside it (12 bytes per logit). The compiled loss (strategies.causal_loss, under
+    --compile) keeps the logits and one float per row, and writes their gradient once. The fused
+    vocabulary-parallel loss (strategies.vocab_parallel) keeps one float32 softmax and computes
+    its gradient in place.
     """
     vocab = shapes.config.vocab_size
     local = math.ceil(vocab / tp) if layout.vocab_parallel else vocab
     logits = p.matmul
-    if layout.loss == "fused":
+    saved = FP32 * local
+    if layout.loss == "compiled":
+        forward, backward, saved = logits * local, 2 * logits * local, logits * local
+    elif layout.loss == "fused":
         copies = 2 if batch_size > 1 else 1          # the causal slice is copied when b > 1
         forward = (copies * logits + 2 * FP32) * local
         backward = (FP32 + 2 * logits) * local
@@ -111,7 +123,7 @@ def loss_bytes(layout: MemoryLayout, shapes: ModelShapes, p: Precision, tp: int,
         backward = 3 * FP32 * local
     if logits_gathered(layout, shapes, tp):          # local columns, then the gathered logits
         forward += logits * math.ceil(vocab / tp)
-    return max(forward, backward), FP32 * local
+    return max(forward, backward), saved
 
 
 # ---------------------------------------------------------------------- communication
@@ -255,12 +267,14 @@ def layout_of(cfg: BenchConfig) -> Optional[MemoryLayout]:
 
 
 def plan_row(cfg: BenchConfig, shapes: ModelShapes, budget: Optional[int] = None,
-             build_on_device: Optional[bool] = None) -> Optional[PlanRow]:
+             build_on_device: Optional[bool] = None,
+             layout: Optional[MemoryLayout] = None) -> Optional[PlanRow]:
     """The plan of a validated, resolved configuration (``registry.resolve``); None when its
     stack declares no memory layout. ``build_on_device``: where a stack that builds the full
     model first builds it (default: on the device when its float32 weights take under half
-    of ``budget``, as autotp decides, or always without a budget)."""
-    layout = layout_of(cfg)
+    of ``budget``, as autotp decides, or always without a budget). ``layout``: in place of the
+    stack's own (a results file of an earlier version, `plan --check`)."""
+    layout = layout or layout_of(cfg)
     if layout is None:
         return None
     dims: ParallelDims = cfg.dims
@@ -280,9 +294,10 @@ def plan_row(cfg: BenchConfig, shapes: ModelShapes, budget: Optional[int] = None
     # Activations: every layer's, or with checkpointing each layer's input and one layer
     # recomputed at a time; the final norm; the logits and the loss.
     # --compile compiles each decoder layer, not the final norm.
+    fused_norm = cfg.norm_impl == "fused"
     per_layer = layer_activation_bytes(shapes, p, tp, layout.sequence_parallel,
-                                       bool(cfg.compile)) * tokens
-    final_norm = norm_bytes(c.hidden_size, p, tp, layout.sequence_parallel) * tokens
+                                       bool(cfg.compile), fused_norm) * tokens
+    final_norm = norm_bytes(c.hidden_size, p, tp, layout.sequence_parallel, fused_norm) * tokens
     if cfg.activation_checkpointing:
         split = tp if layout.sequence_parallel else 1
         saved = c.num_layers * p.residual * c.hidden_size * tokens / split + final_norm

@@ -24,7 +24,7 @@ from tp_bench.core.dims import ParallelDims
 from tp_bench.core.errors import ConfigError
 from tp_bench.core.results import load_result
 from tp_bench.engine.fit import PROCESS_HOST_BYTES
-from tp_bench.engine.plan import GIB, PlanRow, check_heads, plan_row, resolve_for
+from tp_bench.engine.plan import GIB, PlanRow, check_heads, layout_of, plan_row, resolve_for
 from tp_bench.engine.shapes import ModelShapes, model_shapes
 from tp_bench.frontends.arguments import ArgumentParser, add_config_arguments, config_from_args
 from tp_bench.strategies import registry
@@ -248,14 +248,20 @@ def predicted_vs_measured(doc: dict[str, Any]) -> dict[str, Any]:
     if doc.get("status") != "complete":     # a peak cut short (an OOM, a stop) is no step's peak
         return {**out, "error": f"the run ended {doc.get('status')}, its peak is not compared"}
     try:
-        # The attention kernel changes nothing here; flash_attn need not be installed.
-        cfg = BenchConfig(**{**config, "attn_impl": "sdpa"})
+        # The attention kernel changes nothing here; flash_attn need not be installed. Files
+        # written before --norm_impl existed ran HuggingFace's norm.
+        cfg = BenchConfig(**{"norm_impl": "hf", **config, "attn_impl": "sdpa"})
         cfg = resolve_for(cfg, cfg.impl, dims)
         shapes = model_shapes(cfg.model_name, cfg.num_layers)
     except ConfigError as exc:
         return {**out, "error": str(exc)}
-    build = (doc.get("strategy") or {}).get("build_device")
-    row = plan_row(cfg, shapes, build_on_device=None if build is None else build != "cpu")
+    strategy = doc.get("strategy") or {}
+    build = strategy.get("build_device")
+    layout = layout_of(cfg)
+    if layout is not None and layout.loss == "compiled" and "loss" not in str(strategy.get("compile")):
+        layout = dataclasses.replace(layout, loss="hf")   # compiled before the loss was
+    row = plan_row(cfg, shapes, build_on_device=None if build is None else build != "cpu",
+                   layout=layout)
     if row is None:
         return {**out, "error": f"{cfg.impl} declares no memory layout"}
     steps = max(v for k, v in row.phases.items() if k != "setup")
