@@ -2,17 +2,23 @@
 # device_stacks.sh OUT: the stacks side by side on one GPU (docs/PERFORMANCE.md): Qwen3-1.7B,
 # seq 2048, 20 steps, fsdp_dtensor / torchtitan / hf_native eager and fsdp_dtensor / torchtitan
 # compiled, interleaved, ROUNDS times (BATCH: micro-batch, default 1; ORDER: the configurations,
-# default all five); every results file packed into OUT/stacks.tgz.
+# default the five above; also autotp-eager, and the -hfnorm variants that run HuggingFace's
+# RMSNorm code, --norm_impl hf); EXTRA: more arguments for every run (e.g. --profile); every
+# results file packed into OUT/stacks.tgz, the profiler traces summarized by
+# benchmarks/trace_kernels.py into stacks/kernels_*.txt (in the archive, the traces are not).
 set -uo pipefail
 out=$1
 rounds=${ROUNDS:-2}
 common=(--model_name Qwen/Qwen3-1.7B --seq_length 2048 --num_training_steps 20 --warmup_steps 5
-        --log_interval 5 --batch_size "${BATCH:-1}")
+        --log_interval 5 --batch_size "${BATCH:-1}" ${EXTRA:-})
 declare -A configs=(
   [fsdp_dtensor-eager]="--impl fsdp_dtensor"
   [torchtitan-eager]="--impl torchtitan"
   [hf_native-eager]="--impl hf_native"
+  [autotp-eager]="--impl autotp"
   [fsdp_dtensor-compile]="--impl fsdp_dtensor --compile"
+  [fsdp_dtensor-eager-hfnorm]="--impl fsdp_dtensor --norm_impl hf"
+  [fsdp_dtensor-compile-hfnorm]="--impl fsdp_dtensor --compile --norm_impl hf"
   [torchtitan-compile]="--impl torchtitan --compile"
 )
 read -r -a order <<< "${ORDER:-fsdp_dtensor-eager torchtitan-eager hf_native-eager fsdp_dtensor-compile torchtitan-compile}"
@@ -28,4 +34,15 @@ for round in $(seq 1 "$rounds"); do
 done
 python3 -m tp_bench compare "$out"/stacks/round*/*/ > "$out/stacks_compare.txt" 2>&1
 cat "$out/stacks_compare.txt"
-(cd "$out" && tar czf stacks.tgz stacks)
+for trace in "$out"/stacks/round1/*/trace_*.json.gz; do
+  [ -e "$trace" ] || continue
+  name=$(basename "$(dirname "$trace")")
+  python3 benchmarks/trace_kernels.py "$trace" > "$out/stacks/kernels_$name.txt" 2>&1
+done
+if [ -e "$out/stacks/round1/fsdp_dtensor-eager/trace_fsdp_dtensor_tp1_dp1.json.gz" ]; then
+  for mode in eager compile; do
+    python3 benchmarks/trace_kernels.py "$out"/stacks/round1/{fsdp_dtensor,torchtitan}-$mode/trace_*.json.gz \
+      > "$out/stacks/kernels_diff_$mode.txt" 2>&1
+  done
+fi
+(cd "$out" && tar czf stacks.tgz --exclude='trace_*.json.gz' stacks)
