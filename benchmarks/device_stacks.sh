@@ -39,10 +39,9 @@ for trace in "$out"/stacks/round1/*/trace_*.json.gz; do
   name=$(basename "$(dirname "$trace")")
   python3 benchmarks/trace_kernels.py "$trace" > "$out/stacks/kernels_$name.txt" 2>&1
 done
-if [ -e "$out/stacks/round1/fsdp_dtensor-eager/trace_fsdp_dtensor_tp1_dp1.json.gz" ]; then
-  for mode in eager compile; do
-    python3 benchmarks/trace_kernels.py "$out"/stacks/round1/{fsdp_dtensor,torchtitan}-$mode/trace_*.json.gz \
-      > "$out/stacks/kernels_diff_$mode.txt" 2>&1
-  done
-fi
+for mode in eager compile; do
+  pair=("$out"/stacks/round1/{fsdp_dtensor,torchtitan}-$mode/trace_*.json.gz)
+  [ -e "${pair[0]}" ] && [ -e "${pair[1]}" ] || continue
+  python3 benchmarks/trace_kernels.py "${pair[@]}" > "$out/stacks/kernels_diff_$mode.txt" 2>&1
+done
 (cd "$out" && tar czf stacks.tgz --exclude='trace_*.json.gz' stacks)

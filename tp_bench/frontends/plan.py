@@ -258,7 +258,8 @@ def predicted_vs_measured(doc: dict[str, Any]) -> dict[str, Any]:
     strategy = doc.get("strategy") or {}
     build = strategy.get("build_device")
     layout = layout_of(cfg)
-    if layout is not None and layout.loss == "compiled" and "loss" not in str(strategy.get("compile")):
+    if (layout is not None and layout.loss == "compiled"
+            and "loss" not in str(strategy.get("compile"))):
         layout = dataclasses.replace(layout, loss="hf")   # compiled before the loss was
     row = plan_row(cfg, shapes, build_on_device=None if build is None else build != "cpu",
                    layout=layout)

@@ -23,8 +23,10 @@ Versions (the installed transformers decides; ``check`` refuses older ones):
   (it uses ``mesh["tp"]``) and, at tp > 1, FSDP2 comes from transformers'
   ``apply_fully_sharded_data_parallelism`` over ``mesh["dp"]``: the same plan and policy.
 
-What transformers does not offer is recorded, not added: no vocabulary-parallel loss (lm_head
-gathers full logits on every tp rank, the loss is the model's own), no sequence parallelism
+The model code every HuggingFace-model stack shares: the norms per ``--norm_impl`` (fused by
+default, models.fused_norm) and the loss computed from the logits (strategies.causal_loss,
+compiled under --compile). What transformers does not offer is recorded, not added: no
+vocabulary-parallel loss (lm_head gathers full logits on every tp rank), no sequence parallelism
 (``enable_sequence_parallel`` is reserved, not wired). Precision: float32 master weights and
 AdamW state always. The "cast" policy at dp > 1 is transformers' ``fsdp_mixed_precision``
 (FSDP2 MixedPrecisionPolicy: bf16 parameters for compute, float32 reduce-scatter; bf16 only, so
