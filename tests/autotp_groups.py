@@ -23,3 +23,4 @@ if ctx.rank == 0:
     for rank, tp, dp in rows:
         print(f"rank {rank}: tp {tp} dp {dp}", flush=True)
 distributed.teardown()
+distributed.leave(0)

@@ -35,8 +35,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    import os
-
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)   # as tp_bench's entry: gloo's threads may abort a normal interpreter exit
+    dist.leave(main())

@@ -105,3 +105,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.leave(0)

@@ -1,12 +1,12 @@
 """Run under torchrun (gloo): VocabParallelEmbedding / LMHead / cross-entropy against the plain
 modules on the gathered values. Exits non-zero with the first mismatch (test helper)."""
 
-import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tp_bench.core.dist import leave
 from tp_bench.strategies.vocab_parallel import (VocabParallelEmbedding, VocabParallelLMHead,
                                               vocab_parallel_causal_cross_entropy,
                                               vocab_parallel_cross_entropy, vocab_range)
@@ -97,4 +97,4 @@ for vocab in (64, 61):   # divisible by 2 and 4; and not (61 = 16+16+16+13 at tp
 if rank == 0:
     print(f"vocab parallel checks passed at tp={world}", flush=True)
 dist.destroy_process_group()
-os._exit(0)
+leave(0)

@@ -12,7 +12,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from tp_bench.core.dims import forget_meshes
 
@@ -81,6 +81,16 @@ def teardown() -> None:
     if dist is not None:
         forget_meshes()
         dist.destroy_process_group()
+
+
+def leave(code: int) -> NoReturn:
+    """End a process that has had a process group, with ``code``: flush, then ``os._exit``.
+    gloo's worker threads can still hold tensors at interpreter shutdown and abort a process
+    whose work succeeded ("terminate called without an active exception",
+    pytorch/pytorch#190489)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank0_print(*args, file=None, **kwargs) -> None:

@@ -196,17 +196,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def entry() -> None:
-    """Process entry point (console script, benchmark.py, python -m tp_bench).
-
-    Leaves with ``os._exit`` once a process group has existed: gloo's worker threads can still
-    hold tensors at interpreter shutdown and abort the process ("terminate called without an
-    active exception", pytorch/pytorch#190489) after the run has already succeeded.
-    """
+    """Process entry point (console script, benchmark.py, python -m tp_bench). Once a process
+    group may have existed, it leaves through ``core.dist.leave``."""
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
     if "torch.distributed" in sys.modules:
-        os._exit(code)
+        from tp_bench.core.dist import leave
+
+        leave(code)
     sys.exit(code)
 
 
