@@ -61,6 +61,42 @@ def test_num_layers_and_attn_impl_are_honoured():
     assert builder.model_config(num_layers=2).num_layers == 2
 
 
+def test_sdpa_builds_without_the_per_forward_mask(monkeypatch):
+    """--attn_impl sdpa on an all-causal model skips transformers' mask building (whose packed-
+    sequence check reads a tensor on the host every forward) and computes what HuggingFace's
+    masked attention computes; a model with a sliding window keeps HuggingFace's masks."""
+    import transformers.masking_utils as masking
+
+    from tp_bench.models.causal_attention import CAUSAL_SDPA
+
+    checks = []
+    real = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices",
+                        lambda *a, **k: checks.append(1) or real(*a, **k))
+    builder = get_model_builder("tiny")
+    ids = torch.randint(0, 8192, (2, 24))
+    logits, models = {}, {}
+    for impl in ("sdpa", "eager"):
+        models[impl] = model = builder.create_model("cpu", torch.float32, num_layers=2,
+                                                    attn_impl=impl)
+        builder.init_weights(model, seed=3)
+        logits[impl] = model(input_ids=ids, use_cache=False).logits
+        assert len(checks) == (0 if impl == "sdpa" else 1)
+        checks.clear()
+    assert models["sdpa"].config._attn_implementation == CAUSAL_SDPA
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-5, atol=1e-5)
+    later = ids.clone()
+    later[:, -1] = (ids[:, -1] + 1) % 8192        # causal: the last token changes no earlier logit
+    changed = models["sdpa"](input_ids=later, use_cache=False).logits
+    torch.testing.assert_close(changed[:, :-1], logits["sdpa"][:, :-1], rtol=0, atol=0)
+    assert not torch.allclose(changed[:, -1], logits["sdpa"][:, -1])
+    builder.hf_config.use_sliding_window, builder.hf_config.sliding_window = True, 8
+    try:
+        assert builder.hf_config_for(2, "sdpa")._attn_implementation == "sdpa"
+    finally:
+        builder.hf_config.use_sliding_window, builder.hf_config.sliding_window = False, None
+
+
 def test_fused_norm_is_huggingfaces_norm_in_one_kernel():
     """--norm_impl fused swaps every RMSNorm (two per layer, q/k norms, the final norm) for
     F.rms_norm: same parameter names, same output in float32; a mixed-dtype input keeps

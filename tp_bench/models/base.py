@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tp_bench.models.causal_attention import attn_implementation
 from tp_bench.models.resolve import load_hf_config
 from tp_bench.models.tp_plan import TPPlan, root_plan
 
@@ -160,7 +161,7 @@ class BaseModelBuilder(ABC):
             if hasattr(config, "max_window_layers"):
                 config.max_window_layers = min(config.max_window_layers, num_layers)
         config.use_cache = False
-        config._attn_implementation = attn_impl
+        config._attn_implementation = attn_implementation(config, attn_impl)
         return config
 
     def model_config(self, num_layers: int = 0) -> ModelConfig:

@@ -19,8 +19,8 @@ class HFCausalLMBuilder(BaseModelBuilder):
 
         config = self.hf_config_for(num_layers, attn_impl)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                     attn_implementation=attn_impl)
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=config._attn_implementation)
         if norm_impl == "fused":
             use_fused_rms_norm(model)
         return model

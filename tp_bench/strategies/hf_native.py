@@ -155,7 +155,8 @@ def build_model(cfg: BenchConfig, builder: BaseModelBuilder, mesh: Mesh,
     distributed = DistributedConfig(tp_size=dims.tp, fsdp_size=dims.dp,
                                     fsdp_mixed_precision=cast_over_dp)
     kwargs: dict[str, Any] = dict(config=config, state_dict={}, distributed_config=distributed,
-                                  dtype=torch.float32, attn_implementation=cfg.attn_impl)
+                                  dtype=torch.float32,
+                                  attn_implementation=config._attn_implementation)
     if dims.world_size == 1:
         kwargs["device_map"] = device   # transformers places nothing without a mesh
     own_mesh = builds_its_own_mesh()
