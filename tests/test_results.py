@@ -82,5 +82,36 @@ def test_cli_run_writes_seed_schema(tmp_path):
     assert doc["precision"]["compute_dtype"] == "bfloat16"
     assert doc["environment"]["torch"] and doc["environment"]["world_size"] == 1
     assert doc["measurement"]["memory"] == "process_rss"
+    assert doc["measurement"]["python_gc"].startswith("automatic collection off")
     assert doc["model"]["flops_per_token"] > 0
     assert all(math.isfinite(s["loss"]) for s in doc["steps"])
+
+
+def test_the_driver_runs_the_garbage_collector_on_its_schedule(monkeypatch):
+    """Automatic collection off while a driver exists, a generation-1 collection at the start
+    of every GC_EVERY-th step (torchtitan's trainer does the same), on again at release."""
+    import gc
+
+    from tp_bench.engine import driver
+
+    class Clock:
+        def start(self):
+            pass
+
+    class Data:
+        def batch(self, *args):
+            return None
+
+    assert gc.isenabled()
+    try:
+        stepper = driver.StepDriver(None, Data(), 0, 1, Clock(), None, per_step_memory=False)
+        assert not gc.isenabled()
+        collected = []
+        monkeypatch.setattr(gc, "collect", lambda generation=2: collected.append(generation))
+        for index in (driver.GC_EVERY - 1, driver.GC_EVERY, 2 * driver.GC_EVERY):
+            stepper.step_index, stepper._next = index, 0
+            stepper.run_phase("data")
+        assert collected == [1, 1]
+    finally:
+        driver.release_gc()
+    assert gc.isenabled()

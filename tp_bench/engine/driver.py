@@ -6,10 +6,18 @@ each phase. Nothing is read back from the device inside a step: the loss, the gr
 the stamps are handed out as a ``PendingStep``, read once per log interval by the caller.
 The suite times one phase alone: it runs the phases one at a time (``run_phase``), each step
 still whole and in order.
+
+Python's garbage collector runs on the driver's schedule, as in torchtitan's trainer ("to avoid
+stragglers"): automatic collection is off while a driver exists, and a generation-1 collection
+runs at the start of every ``GC_EVERY``-th step, inside its time. Left automatic, a full
+(generation-2) collection lands in whichever step crosses the allocation threshold: 200-380 ms
+on the H200 host, so one step in 15 of a batch-1 run took 2-3x the others, in the stacks whose
+steps allocate more Python objects (docs/PERFORMANCE.md 0.8).
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -21,6 +29,18 @@ from tp_bench.core.metrics import MemoryMeter, PhaseTimer
 from tp_bench.strategies.base import StepStats, Trainer
 
 PHASES = ("data", "forward", "backward", "optimizer")
+GC_EVERY = 50            # torchtitan's default ``training.gc_freq``
+GC_POLICY = f"automatic collection off while training; generation 1 every {GC_EVERY} steps"
+
+
+def take_over_gc() -> None:
+    """Collect now and turn automatic collection off (``release_gc`` turns it back on)."""
+    gc.disable()
+    gc.collect(1)
+
+
+def release_gc() -> None:
+    gc.enable()
 
 
 @dataclass
@@ -62,6 +82,7 @@ class StepDriver:
         self._batch = None
         self._loss: Optional[torch.Tensor] = None
         self._losses: list[torch.Tensor] = []
+        take_over_gc()
 
     @property
     def at_step_boundary(self) -> bool:
@@ -81,6 +102,8 @@ class StepDriver:
                 if self.per_step_memory:
                     self.memory.reset_peak()
                 self.timer.start()
+                if self.step_index > 1 and self.step_index % GC_EVERY == 0:
+                    gc.collect(1)
             self._batch = self.data.batch(self.step_index, self._micro, self.dp_rank)
             self._next = 1
         elif phase == "forward":

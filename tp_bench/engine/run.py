@@ -32,7 +32,7 @@ from tp_bench.core.dims import ParallelDims
 from tp_bench.core.dist import DistContext, rank0_print, setup as setup_dist
 from tp_bench.core.errors import Diverged, Interrupted
 from tp_bench.core.metrics import StepRecord, resolve_phases
-from tp_bench.engine.driver import PendingStep, dp_mean
+from tp_bench.engine.driver import GC_POLICY, PendingStep, dp_mean
 from tp_bench.engine.failure import FailureGuard
 from tp_bench.engine.profiling import profile_step
 from tp_bench.engine.session import Session, check_output_dir, prepare
@@ -198,6 +198,7 @@ class ResultWriter:
                 "timing": s.cfg.timing,
                 "memory": s.memory.kind if s.memory else None,
                 "times_are": "max over ranks",
+                "python_gc": GC_POLICY,
                 "loss_is": "mean over data-parallel replicas",
                 "tokens_per_step": s.throughput.tokens_per_step,
                 "peak_tflops_per_gpu": s.throughput.peak_tflops,

@@ -23,7 +23,7 @@ from tp_bench.core.errors import ConfigError
 from tp_bench.core.topology import Topology, node_name
 from tp_bench.core.metrics import (MemoryMeter, PhaseTimer, Throughput, peak_tflops_for,
                                    process_age_s, setup_memory_gb)
-from tp_bench.engine.driver import StepDriver
+from tp_bench.engine.driver import StepDriver, release_gc
 from tp_bench.engine.fit import check_fit
 from tp_bench.models import get_model_builder
 from tp_bench.models.base import BaseModelBuilder, ModelConfig
@@ -104,6 +104,7 @@ class Session:
         """Drop the model, gradients and optimizer state, so that the next session in this
         process (the pytest suite builds several) finds the memory free."""
         self.parallelized = self.trainer = self.data = None
+        release_gc()   # a driver turned automatic collection off
         gc.collect()   # modules and optimizer state form reference cycles
         if self.ctx.device.type == "cuda":
             torch.cuda.empty_cache()
