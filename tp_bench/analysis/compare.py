@@ -175,18 +175,20 @@ def comparability_reasons(base: dict[str, Any], other: dict[str, Any]) -> list[s
     return reasons
 
 
+def run_settings(run: Run) -> dict[str, Any]:
+    """The options (but the impl, mesh and output directory) and versions of one run."""
+    env = run.doc.get("environment") or {}
+    out = {k: v for k, v in run.config.items() if k not in _LABEL_KEYS}
+    out.update({k: env.get(k) for k in _ENV_KEYS})
+    return out
+
+
 def _differing_settings(runs: Sequence[Run]) -> None:
     """Fill each run's ``differs``: the options and versions in which it departs from the
     baseline (the first run), so two rows of the same impl and mesh can be told apart."""
-    def settings(run: Run) -> dict[str, Any]:
-        env = run.doc.get("environment") or {}
-        out = {k: v for k, v in run.config.items() if k not in _LABEL_KEYS}
-        out.update({k: env.get(k) for k in _ENV_KEYS})
-        return out
-
-    base = settings(runs[0])
+    base = run_settings(runs[0])
     for run in runs[1:]:
-        mine = settings(run)
+        mine = run_settings(run)
         run.differs = [f"{k}={_setting_text(mine.get(k))}" for k in sorted(mine.keys() | base.keys())
                        if json.dumps(mine.get(k)) != json.dumps(base.get(k))]
 

@@ -9,6 +9,7 @@ once (by rank 0) and every rank exits with status 2.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -112,7 +113,10 @@ def cmd_compare(argv: Sequence[str]) -> int:
     parser = ArgumentParser(prog="tp-bench compare", description="Compare results files side by side: "
                      "one row per run, ratios to the first run (or --baseline). Runs with a "
                      "different model, sequence length, precision policy or device type are "
-                     "flagged as not comparable instead of ranked.")
+                     "flagged as not comparable instead of ranked. Where a configuration was "
+                     "run more than once, a second table groups its runs: median tokens/s, "
+                     "lowest and highest, and ratios to the first group (of the medians, and "
+                     "per round: the k-th run of each group against the k-th of the first).")
     parser.add_argument("files", nargs="+", metavar="FILE",
                         help="results JSON files, or directories holding results_*.json")
     parser.add_argument("--baseline", metavar="FILE",
@@ -122,15 +126,23 @@ def cmd_compare(argv: Sequence[str]) -> int:
     parser.add_argument("--plot", metavar="DIR",
                         help="also write PNG charts to DIR (needs matplotlib)")
     args = parser.parse_args(argv)
-    from tp_bench.analysis import compare
+    from tp_bench.analysis import compare, repeats
 
     comparison = compare.compare(args.files, args.baseline)
+    groups = repeats.group_runs(comparison)
     written = []
     if args.plot:
         from tp_bench.analysis import plots
 
         written = plots.write_plots(comparison, args.plot)
-    sys.stdout.write(compare.FORMATS[args.format](comparison))
+    if args.format == "json":
+        doc = comparison.to_dict()
+        doc["repeats"] = repeats.rows(groups) if repeats.has_repeats(groups) else []
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        sys.stdout.write(compare.FORMATS[args.format](comparison))
+        if repeats.has_repeats(groups):
+            sys.stdout.write(repeats.FORMATS[args.format](groups))
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0
