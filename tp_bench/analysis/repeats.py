@@ -13,8 +13,10 @@ slower than a round.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from tp_bench.analysis.compare import Comparison, Run, run_settings
 from tp_bench.core.stats import median, quantile
@@ -22,10 +24,11 @@ from tp_bench.core.stats import median, quantile
 
 @dataclass
 class Group:
-    """Complete, comparable runs of one configuration, in the order they were given."""
+    """Complete, comparable runs of one configuration, in the order of their rounds."""
 
     index: int                          # 1-based, as shown in the table
     runs: list[Run]
+    rounds: list[int]                   # each run's round (see group_runs), ascending
 
     @property
     def tokens_per_sec(self) -> list[float]:
@@ -36,16 +39,35 @@ class Group:
         return [r.summary["median_step_time_ms"] for r in self.runs]
 
 
-def group_runs(comparison: Comparison) -> list[Group]:
-    """Groups of identical settings, in order of first appearance; runs that are incomplete or
-    not comparable with the baseline are left out (the comparison's notes say why)."""
-    keyed: dict[str, list[Run]] = {}
-    for run, row in zip(comparison.runs, comparison.rows):
+def group_runs(comparison: Comparison,
+               given: Optional[Sequence[str | os.PathLike]] = None) -> list[Group]:
+    """Groups of identical settings, in order of first appearance in the comparison (the
+    baseline's group first); runs that are incomplete or not comparable with the baseline are
+    left out (the comparison's notes say why). A run's round is its place among all the runs of
+    its configuration in the order ``given`` (the files as passed, before the comparison moved
+    its baseline first; the comparison's order without it), incomplete runs counted, so a failed
+    run in round 2 does not pair round 3 of its configuration with round 2 of another."""
+    keys = [json.dumps({"label": [run.config["impl"], run.mesh], **run_settings(run)},
+                       sort_keys=True, default=str) for run in comparison.runs]
+    order = list(range(len(comparison.runs)))
+    if given is not None:
+        position = {Path(p).resolve(): i for i, p in enumerate(given)}
+        order.sort(key=lambda n: position.get(comparison.runs[n].path.resolve(), -1))
+    seen: dict[str, int] = {}
+    round_of: dict[int, int] = {}
+    for n in order:
+        seen[keys[n]] = seen.get(keys[n], 0) + 1
+        round_of[n] = seen[keys[n]]
+    keyed: dict[str, list[int]] = {}
+    for n, row in enumerate(comparison.rows):
         if row["comparable"] and row["status"] == "complete" and row["tokens_per_sec"]:
-            key = json.dumps({"label": [run.config["impl"], run.mesh], **run_settings(run)},
-                             sort_keys=True, default=str)
-            keyed.setdefault(key, []).append(run)
-    return [Group(i, runs) for i, runs in enumerate(keyed.values(), start=1)]
+            keyed.setdefault(keys[n], []).append(n)
+    groups = []
+    for i, members in enumerate(keyed.values(), start=1):
+        members.sort(key=round_of.__getitem__)
+        groups.append(Group(i, [comparison.runs[n] for n in members],
+                            [round_of[n] for n in members]))
+    return groups
 
 
 def has_repeats(groups: list[Group]) -> bool:
@@ -64,7 +86,8 @@ def group_row(group: Group, first: Group) -> dict[str, Any]:
         "ratio_of_medians": median(tps) / median(first.tokens_per_sec),
         "paired": None,
     }
-    pairs = [a / b for a, b in zip(tps, first.tokens_per_sec)]
+    first_by_round = dict(zip(first.rounds, first.tokens_per_sec))
+    pairs = [t / first_by_round[k] for k, t in zip(group.rounds, tps) if k in first_by_round]
     if group is not first and pairs:
         row["paired"] = {"median": median(pairs), "q1": quantile(pairs, 0.25),
                          "q3": quantile(pairs, 0.75), "min": min(pairs), "max": max(pairs),

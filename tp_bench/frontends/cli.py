@@ -129,7 +129,7 @@ def cmd_compare(argv: Sequence[str]) -> int:
     from tp_bench.analysis import compare, repeats
 
     comparison = compare.compare(args.files, args.baseline)
-    groups = repeats.group_runs(comparison)
+    groups = repeats.group_runs(comparison, compare.expand_paths(args.files))
     written = []
     if args.plot:
         from tp_bench.analysis import plots
