@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 
 
-def host_times(path: str) -> tuple[dict[str, float], Counter, Counter]:
-    """(totals, ms per top-level operator, ms per CUDA runtime call) within the step."""
+Groups = dict[str, list]   # name -> [inclusive ms, count]
+
+
+def host_times(path: str) -> tuple[dict[str, float], Groups, Groups]:
+    """(totals, top-level operators, CUDA runtime calls) within the step."""
     with gzip.open(path, "rt") as f:
         events = json.load(f)["traceEvents"]
     step = max((e for e in events if e.get("name") == "tp_bench.step" and "dur" in e),
@@ -26,29 +29,29 @@ def host_times(path: str) -> tuple[dict[str, float], Counter, Counter]:
     begin, end, main = step["ts"], step["ts"] + step["dur"], step.get("tid")
     inside = [e for e in events if "dur" in e and begin <= e["ts"] < end and e is not step
               and e.get("cat") in ("cpu_op", "cuda_runtime")]
-    ops, runtime, counts = Counter(), Counter(), Counter()
+    ops: Groups = defaultdict(lambda: [0.0, 0])
+    runtime: Groups = defaultdict(lambda: [0.0, 0])
     top_end: dict = {}          # per thread: where its current top-level operator ends
-    busy: Counter = Counter()   # per thread: ms inside top-level operators
+    busy: Counter = Counter()   # main thread or not: ms inside top-level operators
     for e in sorted(inside, key=lambda e: (e["ts"], -e["dur"])):
+        ms = e["dur"] / 1000.0
         if e["cat"] == "cuda_runtime":
-            runtime[e["name"]] += e["dur"] / 1000.0
-            counts["runtime " + e["name"]] += 1
+            group = runtime[e["name"]]
         elif e["ts"] >= top_end.get(e["tid"], -1.0):
-            ops[e["name"]] += e["dur"] / 1000.0
-            counts["op " + e["name"]] += 1
+            group = ops[e["name"]]
             top_end[e["tid"]] = e["ts"] + e["dur"]
-            busy[e["tid"] == main] += e["dur"] / 1000.0
-    top_ms = busy[True]
+            busy[e["tid"] == main] += ms
+        else:
+            continue
+        group[0] += ms
+        group[1] += 1
     wall = step["dur"] / 1000.0
-    totals = {"step wall ms": wall, "main thread in top-level ops ms": top_ms,
-              "between them ms": wall - top_ms,
+    totals = {"step wall ms": wall, "main thread in top-level ops ms": busy[True],
+              "between them ms": wall - busy[True],
               "other threads (autograd's device threads) in ops ms": busy[False],
-              "top-level ops": sum(
-                  v for k, v in counts.items() if k.startswith("op ")),
-              "runtime calls": sum(v for k, v in counts.items() if k.startswith("runtime "))}
-    ops_n = Counter({k: (ops[k], counts["op " + k]) for k in ops})
-    rt_n = Counter({k: (runtime[k], counts["runtime " + k]) for k in runtime})
-    return totals, ops_n, rt_n
+              "top-level ops": sum(n for _, n in ops.values()),
+              "runtime calls": sum(n for _, n in runtime.values())}
+    return totals, ops, runtime
 
 
 def main() -> None:
@@ -61,6 +64,7 @@ def main() -> None:
         print(path + ": " + ", ".join(f"{k} {v:,.1f}" for k, v in totals.items()))
     for title, index in (("top-level operators", 1), ("CUDA runtime calls", 2)):
         names = set().union(*(t[index] for t in loaded))
+
         def ms(t, n):
             return t[index].get(n, (0.0, 0))[0]
         order = sorted(names, key=lambda n: -(abs(ms(loaded[0], n) - ms(loaded[-1], n))
@@ -68,11 +72,9 @@ def main() -> None:
         print(f"\n{title}: " + " | ".join("ms (count)" for _ in loaded)
               + (" | difference ms" if len(loaded) > 1 else ""))
         for n in order[:args.top]:
-            cells = [f"{t[index].get(n, (0.0, 0))[0]:9.2f} ({t[index].get(n, (0.0, 0))[1]:5d})"
-                     for t in loaded]
+            cells = [f"{ms(t, n):9.2f} ({t[index].get(n, (0.0, 0))[1]:5d})" for t in loaded]
             diff = f" | {ms(loaded[0], n) - ms(loaded[-1], n):+8.2f}" if len(loaded) > 1 else ""
             print(f"  {n[:60]:60s} " + " | ".join(cells) + diff)
-
 
 if __name__ == "__main__":
     main()

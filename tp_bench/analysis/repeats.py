@@ -60,7 +60,7 @@ def group_runs(comparison: Comparison,
         round_of[n] = seen[keys[n]]
     keyed: dict[str, list[int]] = {}
     for n, row in enumerate(comparison.rows):
-        if row["comparable"] and row["status"] == "complete" and row["tokens_per_sec"]:
+        if row["comparable"] and row["tokens_per_sec"]:   # comparable: complete, too
             keyed.setdefault(keys[n], []).append(n)
     groups = []
     for i, members in enumerate(keyed.values(), start=1):

@@ -26,8 +26,7 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if CAUSAL_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)   # idempotent
 
 
 def only_causal_layers(config: Any) -> bool:
