@@ -10,7 +10,7 @@ still whole and in order.
 Python's garbage collector runs on the driver's schedule, as in torchtitan's trainer ("to avoid
 stragglers"): automatic collection is off while a driver exists, and a generation-1 collection
 runs at the start of every ``GC_EVERY``-th step, inside its time. Left automatic, a full
-(generation-2) collection lands in whichever step crosses the allocation threshold: 200-380 ms
+(generation-2) collection lands in whichever step crosses the allocation threshold: 180-380 ms
 on the H200 host, so one step in 15 of a batch-1 run took 2-3x the others, in the stacks whose
 steps allocate more Python objects (docs/PERFORMANCE.md 0.8).
 """
