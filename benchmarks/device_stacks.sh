@@ -2,8 +2,9 @@
 # device_stacks.sh OUT: the stacks side by side on one GPU (docs/PERFORMANCE.md): Qwen3-1.7B,
 # seq 2048, 20 steps, fsdp_dtensor / torchtitan / hf_native eager and fsdp_dtensor / torchtitan
 # compiled, interleaved, ROUNDS times (BATCH: micro-batch, default 1; ORDER: the configurations,
-# default the five above; also autotp-eager, and the -hfnorm variants that run HuggingFace's
-# RMSNorm code, --norm_impl hf); EXTRA: more arguments for every run (e.g. --profile); every
+# default the five above; also autotp-eager, the -hfnorm variants that run HuggingFace's
+# RMSNorm code, --norm_impl hf, and the -sepqkv ones with three q/k/v projections,
+# --fused_qkv false); EXTRA: more arguments for every run (e.g. --profile); every
 # results file packed into OUT/stacks.tgz, the profiler traces summarized by
 # benchmarks/trace_kernels.py into stacks/kernels_*.txt (in the archive, the traces are not).
 # DEADLINE_S: start no round that would end past this many seconds from the start, judged by
@@ -23,6 +24,8 @@ declare -A configs=(
   [fsdp_dtensor-compile]="--impl fsdp_dtensor --compile"
   [fsdp_dtensor-eager-hfnorm]="--impl fsdp_dtensor --norm_impl hf"
   [fsdp_dtensor-compile-hfnorm]="--impl fsdp_dtensor --compile --norm_impl hf"
+  [fsdp_dtensor-eager-sepqkv]="--impl fsdp_dtensor --fused_qkv false"
+  [fsdp_dtensor-compile-sepqkv]="--impl fsdp_dtensor --compile --fused_qkv false"
   [torchtitan-compile]="--impl torchtitan --compile"
 )
 read -r -a order <<< "${ORDER:-fsdp_dtensor-eager torchtitan-eager hf_native-eager fsdp_dtensor-compile torchtitan-compile}"

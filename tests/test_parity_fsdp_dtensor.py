@@ -17,11 +17,13 @@ TINY_LLAMA = "tests/data/tiny_llama.json"
 TINY_QWEN2 = "tests/data/tiny_qwen2.json"
 
 CASES = {
-    # defaults: vocab + sequence parallel, meta-device init, fused AdamW, no FSDP at dp 1
+    # defaults: vocab + sequence parallel, fused q/k/v, meta-device init, fused AdamW, no FSDP
+    # at dp 1
     "tp2": (2, ["--model_name", "tiny", "--parity_steps", "5"]),
     "tp2-plain-plan": (2, ["--model_name", "tiny", "--use_vocab_parallel", "false",
                            "--sequence_parallel", "false", "--meta_init", "false",
-                           "--optimizer_impl", "foreach", "--fsdp_at_dp1"]),
+                           "--fused_qkv", "false", "--optimizer_impl", "foreach",
+                           "--fsdp_at_dp1"]),
     "dp2-tp2-ga2-ac": (4, ["--model_name", "tiny", "--dp_size", "2",
                            "--gradient_accumulation_steps", "2", "--activation_checkpointing"]),
     "tp2-tied-embeddings": (2, ["--model_name", TINY_TIED]),

@@ -87,9 +87,10 @@ def test_same_start_as_fsdp_dtensor_and_the_differences_recorded(tmp_path):
     assert t["model"] == f["model"]
     for key in ("compute_dtype", "master_weights", "grad_reduce_dtype", "policy"):
         assert t["precision"][key] == f["precision"][key]
-    # The plans as applied: torchtitan's fused q/k/v projection against three projections.
+    # The plans as applied: both fuse q/k/v, under their own module names.
     assert "layers.*.attention.qkv_linear.wqkv" in t["strategy"]["tp_plan"]["layer"]
-    assert "model.layers.*.self_attn.q_proj" in f["strategy"]["tp_plan"]["layer"]
+    assert "model.layers.*.self_attn.qkv_proj" in f["strategy"]["tp_plan"]["layer"]
+    assert "model.layers.*.self_attn.q_proj" not in f["strategy"]["tp_plan"]["layer"]
     assert t["strategy"]["tp_plan"]["root"]["lm_head"].startswith("params weight S(0)")
     assert t["strategy"]["fsdp"].startswith("fully_shard tok_embeddings, [norm, lm_head]")
     assert t["environment"]["torchtitan"] == "0.3.0"

@@ -77,6 +77,10 @@ class BenchConfig:
     fsdp_at_dp1: Optional[bool] = _opt(
         None, "fsdp_dtensor: wrap with FSDP2 even when dp_size is 1 with --autocast or float32, "
         "where it only adds copies (for study; default off)", PARALLEL)
+    fused_qkv: Optional[bool] = _opt(
+        None, "fsdp_dtensor: the attention's q, k and v projections as one GEMM, its rows "
+        "grouped per key-value head so that TP keeps whole groups, as torchtitan's model "
+        "(models.fused_qkv; default on)", PARALLEL)
     async_tp: Optional[bool] = _opt(
         None, "torchtitan: asynchronous TP, inductor's micro-pipeline pass overlapping TP "
         "collectives with matmuls over symmetric memory (needs CUDA, --compile and tp > 1; "
@@ -181,7 +185,7 @@ class BenchConfig:
 
 # Options whose default depends on the impl (None until strategies.registry.resolve).
 IMPL_OPTIONS = ("zero_stage", "use_vocab_parallel", "sequence_parallel", "fsdp_at_dp1",
-                "meta_init", "async_tp")
+                "meta_init", "fused_qkv", "async_tp")
 # Options every impl takes with these values: how a stack trains, not which stack it is.
 TECHNIQUE_OPTIONS = ("compile", "activation_checkpointing", "autocast", "optimizer_impl")
 # Options only some impls take, with any value; the others must keep the default.

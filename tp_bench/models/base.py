@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tp_bench.models.causal_attention import attn_implementation
+from tp_bench.models.fused_qkv import QKVProjection, part_names
 from tp_bench.models.resolve import load_hf_config
 from tp_bench.models.tp_plan import TPPlan, root_plan
 
@@ -207,8 +208,14 @@ class BaseModelBuilder(ABC):
         module_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(module_name) if module_name else model
         canonical = canonical_param_name(name)
+        device = torch.device(device)
+        if isinstance(owner, QKVProjection):   # drawn as the separate projections', then joined
+            return owner.join(*(self._initial_value(owner, leaf, shape, std, device,
+                                                    _param_seed(seed, part), part)
+                                for part, shape in zip(part_names(canonical),
+                                                       owner.part_shapes(leaf))))
         shape = tuple(getattr(owner, leaf).shape)   # a DTensor's shape is the global one
-        return self._initial_value(owner, leaf, shape, std, torch.device(device),
+        return self._initial_value(owner, leaf, shape, std, device,
                                    _param_seed(seed, canonical), canonical)
 
     def _initial_value(self, owner: nn.Module, leaf: str, shape: tuple[int, ...], std: float,

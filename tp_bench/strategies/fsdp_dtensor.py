@@ -1,7 +1,8 @@
 """PyTorch FSDP2 (``fully_shard``) over "dp" + DTensor tensor parallelism over "tp".
 
-``parallelize`` composes the DTensor steps in torchtitan's order: TP plan (the model family's,
-as data) -> activation checkpointing -> per-layer compile -> FSDP2. The engine builds the model
+``parallelize`` composes the DTensor steps in torchtitan's order: fused q/k/v (``--fused_qkv``,
+models.fused_qkv) -> TP plan (the model family's, as data) -> activation checkpointing ->
+per-layer compile -> FSDP2. The engine builds the model
 on the meta device first (``--meta_init``) and materializes this rank's shards afterwards.
 
 - Vocabulary parallelism: embedding rowwise (vocab-sharded), lm_head colwise with logits left
@@ -27,6 +28,7 @@ from tp_bench.core.config import BenchConfig
 from tp_bench.core.dims import Mesh, ParallelDims
 from tp_bench.core.precision import compute_policy
 from tp_bench.models.base import BaseModelBuilder
+from tp_bench.models.fused_qkv import fuse_qkv, fused_plan
 from tp_bench.strategies.base import Parallelized, Strategy
 from tp_bench.strategies.causal_loss import causal_lm_loss
 from tp_bench.strategies.memory import PER_PARAM, Held, MemoryLayout
@@ -56,8 +58,13 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
     compile_loss = compiles_loss(cfg, dims)
     layers = builder.get_transformer_layers(model)
     applied, plan = [], None
+    if cfg.fused_qkv:
+        fuse_qkv(model)
+        applied.append("fused q/k/v")
     if dims.tp > 1:
         plan = builder.tp_plan(vocab_parallel, sequence_parallel)
+        if cfg.fused_qkv:
+            plan = fused_plan(plan)
         apply_tp_plan(model, plan, mesh.tp_mesh, builder)
         applied.append(f"TP {dims.tp}" + (" + vocab/loss parallel" if vocab_parallel else "")
                        + (" + sequence parallel" if sequence_parallel else ""))
@@ -82,7 +89,7 @@ def parallelize(model: nn.Module, builder: BaseModelBuilder, mesh: Mesh, cfg: Be
                   "activation_checkpointing": cfg.activation_checkpointing,
                   "compile": ("per transformer layer" + (" + loss" if compile_loss else ""))
                   if cfg.compile else None,
-                  "meta_init": cfg.meta_init},
+                  "meta_init": cfg.meta_init, "fused_qkv": cfg.fused_qkv},
         precision=fsdp_precision(cfg),
         forward_loss=causal_lm_loss(compiled=compile_loss),
         contexts=(loss_parallel_context,) if vocab_parallel else ())
@@ -114,8 +121,9 @@ STRATEGY = Strategy(
     parallelize=parallelize,
     trainer=TorchTrainer,
     options={"use_vocab_parallel": (True, False), "sequence_parallel": (True, False),
-             "meta_init": (True, False), "fsdp_at_dp1": (False, True), **_TECHNIQUES},
-    sweep=("autocast", "compile", "sequence_parallel", "use_vocab_parallel",
+             "meta_init": (True, False), "fsdp_at_dp1": (False, True),
+             "fused_qkv": (True, False), **_TECHNIQUES},
+    sweep=("autocast", "compile", "fused_qkv", "sequence_parallel", "use_vocab_parallel",
            "activation_checkpointing", "optimizer_impl"),
     takes=frozenset({"dp_replicate"}),
     memory=memory_layout,

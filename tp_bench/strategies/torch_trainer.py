@@ -15,6 +15,7 @@ from tp_bench.core.data import Batch
 from tp_bench.core.dims import Mesh
 from tp_bench.core.precision import TORCH_DTYPES, compute_policy
 from tp_bench.models.base import canonical_param_name
+from tp_bench.models.fused_qkv import QKVProjection, split_fused_gradients
 from tp_bench.strategies.base import Parallelized, StepStats, Trainer
 from tp_bench.strategies.grad_norm import clip_grad_norm_
 
@@ -113,9 +114,12 @@ class TorchTrainer(Trainer):
         from torch.distributed.tensor import DTensor
 
         scale = self.scaler.scale if self.scaler else 1.0
-        return {canonical_param_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor)
-                                          else p.grad) / scale
-                for n, p in self.model.named_parameters() if p.grad is not None}
+        grads = {canonical_param_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor)
+                                           else p.grad) / scale
+                 for n, p in self.model.named_parameters() if p.grad is not None}
+        fused = {canonical_param_name(n): m for n, m in self.model.named_modules()
+                 if isinstance(m, QKVProjection)}
+        return split_fused_gradients(fused, grads) if fused else grads
 
     def describe(self) -> dict[str, Any]:
         return {"optimizer": f"torch.optim.AdamW ({self.cfg.optimizer_impl})",
