@@ -44,7 +44,7 @@ class QKVProjection(nn.Linear):
                  bias: bool, device: Any = None, dtype: Optional[torch.dtype] = None):
         if num_heads % num_kv_heads:
             raise ConfigError(f"--fused_qkv needs num_attention_heads ({num_heads}) divisible "
-                             f"by num_key_value_heads ({num_kv_heads})")
+                              f"by num_key_value_heads ({num_kv_heads})")
         super().__init__(in_features, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias,
                          device=device, dtype=dtype)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
