@@ -89,11 +89,12 @@ def every_json_written_is_strict(tmp_path_factory):
 # to the next free worker in this order, so the two workers end at about the same time instead
 # of one waiting on a long file handed out last.
 # (Measured 2026-12-04, seconds per file on the 2-core machine: faults 174, sweep 146,
-# torchtitan parity 133, fsdp_dtensor parity 132, multinode 128, autotp parity 117, hf_native
-# parity 108, suite 103, slurm 84, plan 47.)
-LONGEST_FIRST = ("test_faults.py", "test_sweep.py", "test_parity_torchtitan.py",
-                 "test_parity_fsdp_dtensor.py", "test_multinode.py", "test_parity_autotp.py",
-                 "test_parity_hf_native.py", "test_suite.py", "test_slurm.py", "test_plan.py")
+# fsdp_dtensor parity 132, autotp parity 117, multinode 110, torchtitan parity 104, suite 103,
+# slurm 84, every_stack 60, hf_native parity 55, plan 47.)
+LONGEST_FIRST = ("test_faults.py", "test_sweep.py", "test_parity_fsdp_dtensor.py",
+                 "test_parity_autotp.py", "test_multinode.py", "test_parity_torchtitan.py",
+                 "test_suite.py", "test_slurm.py", "test_every_stack.py",
+                 "test_parity_hf_native.py", "test_plan.py")
 
 
 def pytest_collection_modifyitems(items):

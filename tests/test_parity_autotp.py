@@ -1,7 +1,7 @@
 """autotp trains the same model as a single-process reference (CPU, gloo, float32), at tp=2 and
 dp=2 x tp=2, ZeRO 0/1/2/3, with and without vocabulary parallelism; DeepSpeed's groups are the
 seed's rows and columns. (The seed's command for autotp beside the other stacks:
-test_parity_hf_native.py::test_three_stacks_train_the_same_model_and_compare_side_by_side.)"""
+test_every_stack.py.)"""
 
 import re
 

@@ -1,7 +1,6 @@
 """hf_native (transformers' own TP + FSDP2) trains the same model as the single-process reference
-(CPU, gloo) at tp=2 and dp=2 x tp=2; it starts from the same loss as fsdp_dtensor and autotp on
-the seed's command line, and `tp-bench compare` puts the three side by side; what it does not
-offer is refused before any model is built."""
+(CPU, gloo) at tp=2 and dp=2 x tp=2; what it does not offer is refused before any model is
+built. (Beside the other stacks on the seed's command line: test_every_stack.py.)"""
 
 import importlib
 import json
@@ -10,7 +9,7 @@ import re
 import pytest
 import torch
 
-from launch import parity_reports, report_of, torchrun
+from launch import parity_reports, report_of
 from tp_bench.core.config import BenchConfig
 from tp_bench.core.dist import DistContext
 from tp_bench.core.errors import ConfigError
@@ -78,50 +77,6 @@ def test_bf16_tracks_the_reference(reports, case):
     assert report["max_loss_diff"] <= 5e-3
     assert report["max_grad_norm_rel_diff"] <= 5e-3
     assert report["loss_change"] > 0.3
-
-
-def _seed_command(tmp_path, impl, dp, tp):
-    out = tmp_path / "results"
-    proc = torchrun(dp * tp, "benchmark.py", "--impl", impl, "--model_name", "tiny",
-                    "--num_layers", "2", "--dp_size", str(dp), "--tp_size", str(tp),
-                    "--seq_length", "32", "--batch_size", "2", "--dtype", "float32",
-                    "--learning_rate", "1e-3", "--num_training_steps", "6",
-                    "--warmup_steps", "1", "--log_interval", "3", "--output_dir", str(out),
-                    timeout=400)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads((out / f"results_{impl}_tp{tp}_dp{dp}.json").read_text())
-
-
-def test_three_stacks_train_the_same_model_and_compare_side_by_side(tmp_path):
-    """The seed's command line at tp=2 for all three impls (same seed, mesh and data: the same
-    losses from step 0), hf_native also at dp=2 x tp=2; then `tp-bench compare` over them."""
-    docs = {impl: _seed_command(tmp_path, impl, 1, 2)
-            for impl in ("hf_native", "fsdp_dtensor", "autotp")}
-    dp2 = _seed_command(tmp_path, "hf_native", 2, 2)
-    h = docs["hf_native"]
-    for other in ("fsdp_dtensor", "autotp"):
-        o = docs[other]
-        assert abs(h["warmup"][0]["loss"] - o["warmup"][0]["loss"]) <= 1e-5, other
-        for sh, so in zip(h["steps"], o["steps"]):
-            assert abs(sh["loss"] - so["loss"]) <= 1e-3, other
-        assert set(h) == set(o) and set(h["summary"]) == set(o["summary"])
-        assert h["model"] == o["model"]
-        for key in ("compute_dtype", "master_weights", "grad_reduce_dtype", "policy"):
-            assert h["precision"][key] == o["precision"][key]
-    for doc in (h, dp2):
-        assert doc["status"] == "complete"
-        strategy = doc["strategy"]
-        assert strategy["vocab_parallel"] is False and strategy["sequence_parallel"] is False
-        assert "no vocabulary-parallel loss" in strategy["not_offered"]
-        assert strategy["tp_plan"]["layer"]["model.layers.*.self_attn.q_proj"] == \
-            "transformers colwise"
-        assert strategy["tp_plan"]["root"]["lm_head"] == "transformers colwise_gather_output"
-    assert dp2["strategy"]["fsdp"] == "transformers FSDP2 (its fsdp_plan) over dp"
-    compare = torchrun(1, "-m", "tp_bench", "compare", str(tmp_path / "results"), timeout=120)
-    assert compare.returncode == 0, compare.stdout + compare.stderr
-    rows = re.findall(r"^\d+ +(\w+) +(dp\dxtp\d) ", compare.stdout, re.M)
-    assert sorted(rows) == [("autotp", "dp1xtp2"), ("fsdp_dtensor", "dp1xtp2"),
-                            ("hf_native", "dp1xtp2"), ("hf_native", "dp2xtp2")], compare.stdout
 
 
 # ---------------------------------------------------------------------- refused before building
