@@ -152,7 +152,7 @@ def test_fused_qkv_is_the_separate_projections(name):
     builder.materialize(meta, torch.device("cpu"), seed=3)
     ids = torch.randint(0, separate.config.vocab_size, (2, 24))
     losses = {}
-    for kind, model in (("separate", separate), ("fused", fused_copy), ("meta", meta)):
+    for kind, model in (("separate", separate), ("fused", fused_copy)):
         losses[kind] = model(input_ids=ids, labels=ids, use_cache=False).loss
         losses[kind].backward()
     torch.testing.assert_close(losses["fused"], losses["separate"], rtol=1e-6, atol=1e-6)

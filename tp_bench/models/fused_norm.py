@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_SUBCLASSES: dict[type, type] = {}
+from tp_bench.models.retype import is_retyped, retype
 
 
 def _fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -38,11 +38,8 @@ def use_fused_rms_norm(model: nn.Module) -> int:
     """Swap every HuggingFace RMSNorm of ``model`` to the fused kernel; returns how many."""
     swapped = 0
     for module in model.modules():
-        cls = type(module)
-        if cls in _SUBCLASSES.values() or not is_hf_rms_norm(module):
+        if is_retyped(module) or not is_hf_rms_norm(module):
             continue
-        if cls not in _SUBCLASSES:
-            _SUBCLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward})
-        module.__class__ = _SUBCLASSES[cls]
+        retype(module, "Fused", {"forward": _fused_forward})
         swapped += 1
     return swapped

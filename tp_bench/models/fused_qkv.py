@@ -29,12 +29,11 @@ import torch
 from torch import nn
 
 from tp_bench.core.errors import ConfigError
+from tp_bench.models.retype import retype
 from tp_bench.models.tp_plan import TPPlan
 
 PARTS = ("q_proj", "k_proj", "v_proj")
 FUSED = "qkv_proj"
-
-_SUBCLASSES: dict[type, type] = {}
 
 
 class QKVProjection(nn.Linear):
@@ -144,10 +143,7 @@ def fuse_qkv(model: nn.Module) -> int:
         for p in PARTS:
             delattr(module, p)
         module.qkv_proj = projection
-        if cls not in _SUBCLASSES:
-            _SUBCLASSES[cls] = type(f"FusedQKV{cls.__name__}", (cls,),
-                                    {"forward": _fused_attention_forward, "_hf_module": hf})
-        module.__class__ = _SUBCLASSES[cls]
+        retype(module, "FusedQKV", {"forward": _fused_attention_forward, "_hf_module": hf})
         fused += 1
     if not fused:
         raise ConfigError(f"--fused_qkv: {type(model).__name__} has no attention with separate "
