@@ -63,18 +63,22 @@ def main() -> None:
     for path, (totals, _, _) in zip(args.traces, loaded):
         print(path + ": " + ", ".join(f"{k} {v:,.1f}" for k, v in totals.items()))
     for title, index in (("top-level operators", 1), ("CUDA runtime calls", 2)):
-        names = set().union(*(t[index] for t in loaded))
+        def group(t, n):   # (ms, count) of name n in trace t's table, (0, 0) where absent
+            return t[index].get(n, (0.0, 0))
 
-        def ms(t, n):
-            return t[index].get(n, (0.0, 0))[0]
-        order = sorted(names, key=lambda n: -(abs(ms(loaded[0], n) - ms(loaded[-1], n))
-                                              if len(loaded) > 1 else ms(loaded[0], n)))
+        def change(n):
+            return group(loaded[0], n)[0] - group(loaded[-1], n)[0]
+
+        names = set().union(*(t[index] for t in loaded))
+        order = sorted(names, key=lambda n: -(abs(change(n)) if len(loaded) > 1
+                                              else group(loaded[0], n)[0]))
         print(f"\n{title}: " + " | ".join("ms (count)" for _ in loaded)
               + (" | difference ms" if len(loaded) > 1 else ""))
         for n in order[:args.top]:
-            cells = [f"{ms(t, n):9.2f} ({t[index].get(n, (0.0, 0))[1]:5d})" for t in loaded]
-            diff = f" | {ms(loaded[0], n) - ms(loaded[-1], n):+8.2f}" if len(loaded) > 1 else ""
+            cells = [f"{group(t, n)[0]:9.2f} ({group(t, n)[1]:5d})" for t in loaded]
+            diff = f" | {change(n):+8.2f}" if len(loaded) > 1 else ""
             print(f"  {n[:60]:60s} " + " | ".join(cells) + diff)
+
 
 if __name__ == "__main__":
     main()

@@ -147,7 +147,7 @@ def fuse_qkv(model: nn.Module) -> int:
         fused += 1
     if not fused:
         raise ConfigError(f"--fused_qkv: {type(model).__name__} has no attention with separate "
-                         "q_proj/k_proj/v_proj")
+                          "q_proj/k_proj/v_proj")
     return fused
 
 
